@@ -1,0 +1,121 @@
+"""DPO stage: the SFT model + preference pairs -> a DPO LoRA adapter trained on top of it.
+
+The SFT adapter is merged into the (dequantized) base in 16-bit, the result is quantized
+again to NF4, and a fresh adapter is trained on it. With the adapter switched off that same
+model is the reference, so the policy starts equal to the reference, as DPO assumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline import data as data_mod
+from pipeline import modeling, training
+from pipeline.chat import render
+from pipeline.checkpoints import write_atomic
+from pipeline.events import EventLog, make_callback
+from pipeline.specs import DPOSpec, QuantSpec
+
+POLICY_BASE = "sft_merged_base"  # under JOB_DIR/work: the SFT model DPO trains on
+READY = "READY"
+
+
+def sft_merged_base(spec: DPOSpec, job_dir: Path, dtype) -> tuple[str, dict]:
+    """Save base + SFT adapter merged in 16-bit once per job (reused when the job resumes)."""
+    stack = modeling.read_stack(spec.sft_adapter)
+    folder = job_dir / "work" / POLICY_BASE
+    if not (folder / READY).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        quant = QuantSpec(**stack["quant"])
+        base = modeling.resolve_model(stack["base_model"])
+        model = modeling.merge_adapters(modeling.load_dequantized(base, quant, dtype), stack["adapters"])
+        model.save_pretrained(str(folder))
+        modeling.load_tokenizer(base).save_pretrained(str(folder))
+        write_atomic(folder / READY, "")
+        del model
+    return str(folder), stack
+
+
+def truncate_prompt_left(tokenizer, prompt: str, budget: int) -> str:
+    """Keep the last `budget` tokens of the prompt, cut at a token's character offset."""
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    if len(offsets) <= budget:
+        return prompt
+    return prompt[offsets[len(offsets) - budget][0] :]
+
+
+def to_text_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Rows as templated text. The prompt is cut from the left so prompt + longer answer fits max_length.
+
+    DPO in TRL 1.x only truncates the end of a sequence, which would cut the answers; the recipe
+    keeps the answers and the end of the prompt instead.
+    """
+    eos = tokenizer.eos_token
+    out = []
+    for row in rows:
+        prompt = render(row["prompt_messages"], add_generation_prompt=True, eos=eos)
+        chosen, rejected = row["chosen"] + eos, row["rejected"] + eos
+        longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (chosen, rejected))
+        budget = max(max_length - longest, max_length // 2)
+        out.append({"prompt": truncate_prompt_left(tokenizer, prompt, budget), "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    dtype = modeling.compute_dtype(spec.quant.compute_dtype)
+    original_base = modeling.resolve_model(spec.base_model)
+    tokenizer = modeling.load_tokenizer(original_base)
+    data = data_mod.load(spec.dataset, "dpo")
+    lengths = training.warn_long_rows(log, data, "dpo", tokenizer, spec.training.max_length)
+    pairs = to_text_pairs(data.rows, tokenizer, spec.training.max_length)
+    train_rows, eval_rows = training.split_eval(pairs, spec.training.eval_fraction, spec.training.seed)
+
+    if spec.sft_adapter:
+        policy_base, sft_stack = sft_merged_base(spec, job_dir, dtype)
+        stack_base, stack_quant, stack_parents = sft_stack["base_model"], QuantSpec(**sft_stack["quant"]), sft_stack["adapters"]
+    else:
+        policy_base = original_base
+        stack_base, stack_quant, stack_parents = spec.base_model, spec.quant, []
+    model = modeling.load_base(policy_base, spec.quant, dtype)
+
+    summary: dict = {}
+    set_seed(spec.training.seed)
+    args = DPOConfig(
+        **training.trainer_kwargs(spec.training, dtype, job_dir / "checkpoints"),
+        beta=spec.beta,
+        max_length=spec.training.max_length,
+        truncation_mode="keep_start",
+        eval_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,  # with a PEFT model the reference is the same model with the adapter off
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=training.lora_config(spec.lora),
+        callbacks=[make_callback(log, summary)],
+    )
+    modeling.cast_trainable(trainer.model, dtype)
+    effective = training.base_effective(dtype, spec.training, len(train_rows))
+    effective["policy_base"] = policy_base
+    training.run_trainer(
+        trainer, job_dir, log,
+        dict(stage="dpo", device=effective["device"], dtype=effective["compute_dtype"],
+             total_steps=effective["total_steps"], rows=len(train_rows)),
+    )
+    summary = training.finish(
+        trainer, tokenizer, spec, job_dir, log, summary,
+        resolved_base=original_base, data=data, lengths=lengths,
+        stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
+        effective=effective, has_eval=bool(eval_rows),
+    )
+    shutil.rmtree(job_dir / "work", ignore_errors=True)  # the merged SFT base is large and rebuilt on demand
+    return summary

@@ -1,0 +1,188 @@
+"""Stage specifications: what a job asks the pipeline to do.
+
+These are light pydantic models (no torch import) shared by the server, which validates
+tool input with them and writes them to `JOB_DIR/spec.json`, and by `python -m pipeline
+run JOB_DIR`, which reads them back. Defaults are the reference recipe written up in
+docs/ai/FINE_TUNING_TINYLLAMA.md; every field carries bounds and a description.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+# The reference base model of the recipe, and the embedded model that needs no download.
+REFERENCE_BASE_MODEL = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+TINY_DEMO = "tiny-demo"
+
+REFERENCE_SFT_DATASET = "HuggingFaceH4/ultrachat_200k"
+REFERENCE_SFT_SPLIT = "test_sft"
+REFERENCE_SFT_ROWS = 3000
+REFERENCE_DPO_DATASET = "argilla/distilabel-intel-orca-dpo-pairs"
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Spec(BaseModel):
+    # Unknown fields are errors: a misspelt hyperparameter must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(_Spec):
+    """Where training rows come from: a local .jsonl/.json/.parquet file or a hub dataset name."""
+
+    source: str = Field(min_length=1, max_length=4096, description="Local file path or hub dataset name.")
+    split: str = Field("train", min_length=1, max_length=128, description="Hub split (ignored for local files).")
+    shuffle_seed: Optional[int] = Field(None, ge=0, description="Shuffle rows with this seed before taking max_samples.")
+    max_samples: Optional[int] = Field(None, ge=1, le=10_000_000, description="Use at most this many rows.")
+    sha256: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a local file; checked before training."
+    )
+
+
+class LoraSpec(_Spec):
+    r: int = Field(64, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, le=4096, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1, max_length=64)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(LLAMA_PROJECTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA target module(s) {unknown}; choose from {list(LLAMA_PROJECTIONS)}"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError("target_modules lists a module twice; list each projection once")
+        return value
+
+
+class QuantSpec(_Spec):
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="'nf4': 4-bit NormalFloat base (QLoRA); 'none': plain LoRA on a 16/32-bit base."
+    )
+    double_quant: bool = Field(True, description="Quantize the NF4 quantization constants too.")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto': bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."
+    )
+
+
+class TrainingSpec(_Spec):
+    """Optimizer and schedule; field names follow transformers' TrainingArguments."""
+
+    per_device_train_batch_size: int = Field(2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up.")
+    num_train_epochs: float = Field(1.0, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, le=10_000_000, description="-1: run num_train_epochs; else stop here.")
+    max_length: int = Field(512, ge=16, le=131_072, description="Tokens per example; longer rows are truncated.")
+    optim: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+    gradient_checkpointing: bool = True
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    logging_steps: int = Field(1, ge=1, le=100_000)
+    save_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every this many optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, le=100, description="Keep this many newest checkpoints.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows for an eval loss at the end (0: none)."
+    )
+
+
+class EvalPromptsSpec(_Spec):
+    """A small fixed prompt set answered after training and saved as eval_samples.jsonl."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "What is the capital of France?",
+            "Write a Python function that reverses a string.",
+            "Explain in one sentence what a unit test is.",
+        ],
+        max_length=64,
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+
+class _StageSpec(_Spec):
+    base_model: str = Field(
+        REFERENCE_BASE_MODEL, min_length=1, max_length=4096,
+        description="Local checkpoint path, hub id, or 'tiny-demo' for the embedded model.",
+    )
+    parents: list[str] = Field(default_factory=list, description="Ids of the jobs this one builds on (lineage).")
+
+
+class SFTSpec(_StageSpec):
+    stage: Literal["sft"] = "sft"
+    dataset: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(
+            source=REFERENCE_SFT_DATASET, split=REFERENCE_SFT_SPLIT, shuffle_seed=42, max_samples=REFERENCE_SFT_ROWS
+        )
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval_prompts: EvalPromptsSpec = Field(default_factory=EvalPromptsSpec)
+
+
+def _dpo_training_defaults() -> TrainingSpec:
+    return TrainingSpec(learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+
+
+class DPOSpec(_StageSpec):
+    stage: Literal["dpo"] = "dpo"
+    sft_adapter: Optional[str] = Field(
+        None, max_length=4096,
+        description="Folder of the SFT LoRA adapter DPO builds on; it is merged into the base first and is "
+        "also the reference model. None: DPO straight on the base model.",
+    )
+    dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source=REFERENCE_DPO_DATASET))
+    beta: float = Field(0.1, gt=0, le=100, description="DPO temperature: how far the policy may move from the reference.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    training: TrainingSpec = Field(default_factory=_dpo_training_defaults)
+    eval_prompts: EvalPromptsSpec = Field(default_factory=EvalPromptsSpec)
+
+
+class MergeSpec(_StageSpec):
+    stage: Literal["merge"] = "merge"
+    sft_adapter: str = Field(min_length=1, max_length=4096, description="Folder of the SFT LoRA adapter.")
+    dpo_adapter: Optional[str] = Field(None, max_length=4096, description="Folder of the DPO adapter, if any.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights dtype of the merged checkpoint; 'auto': bf16 where supported, else fp16."
+    )
+
+
+class GenerationSpec(_Spec):
+    """Generation settings in the HF_GENERATE_KWARGS style (names follow transformers' generate)."""
+
+    max_new_tokens: int = Field(512, ge=1, le=32_768)
+    temperature: float = Field(0.2, ge=0.0, le=5.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    do_sample: Optional[bool] = Field(None, description="None: sample when temperature > 0.")
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (EOS always stops).")
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample if self.do_sample is not None else self.temperature > 0
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> "GenerationSpec":
+        if self.do_sample and self.temperature == 0:
+            raise ValueError("do_sample=true needs temperature > 0; use temperature 0 (or do_sample=false) for greedy")
+        return self
+
+
+StageSpec = Annotated[Union[SFTSpec, DPOSpec, MergeSpec], Field(discriminator="stage")]
+STAGE_SPEC = TypeAdapter(StageSpec)
+
+
+def parse_stage_spec(text: str) -> SFTSpec | DPOSpec | MergeSpec:
+    """Parse spec.json text into the right stage spec (raises pydantic.ValidationError)."""
+    return STAGE_SPEC.validate_json(text)

@@ -1,0 +1,175 @@
+"""What SFT and DPO share: trainer arguments, resume, saving the adapter, eval samples, lineage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import modeling
+from pipeline.checkpoints import latest_complete, write_atomic
+from pipeline.data import LoadedData, length_stats, over_length_warning, token_lengths
+from pipeline.events import EventLog
+from pipeline.lineage import write_lineage
+from pipeline.specs import GenerationSpec, LoraSpec, TrainingSpec
+
+
+def lora_config(lora: LoraSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def effective_optim(optim: str) -> str:
+    """Paged and 8-bit optimizers live in bitsandbytes' CUDA code; on a CPU use torch's AdamW."""
+    if torch.cuda.is_available():
+        return optim
+    return "adamw_torch"
+
+
+def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path) -> dict[str, Any]:
+    """TrainingArguments fields shared by SFTConfig and DPOConfig, from the spec."""
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        optim=effective_optim(t.optim),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def total_steps(rows: int, t: TrainingSpec) -> int:
+    """The optimizer steps the Trainer will run (same arithmetic as its own)."""
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = max(math.ceil(math.ceil(rows / t.per_device_train_batch_size) / t.gradient_accumulation_steps), 1)
+    return math.ceil(t.num_train_epochs * per_epoch)
+
+
+def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if fraction <= 0 or len(rows) < 4:
+        return rows, []
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(rows) * fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def warn_long_rows(log: EventLog, data: LoadedData, kind: str, tokenizer, max_length: int) -> dict:
+    def encode(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    stats = length_stats(token_lengths(data.rows, kind, encode), max_length)
+    warning = over_length_warning(stats, len(data.rows), max_length)
+    if warning:
+        log.emit("warning", message=warning)
+    return stats.model_dump()
+
+
+def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> None:
+    """Train, resuming from the newest intact checkpoint in JOB_DIR/checkpoints if there is one."""
+    resume = latest_complete(job_dir / "checkpoints")
+    resume_step = None
+    if resume is not None:
+        resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+    log.emit("start", resume_step=resume_step, **start_fields)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def save_adapter(trainer, tokenizer, job_dir: Path, base_model: str, quant, parents: list[str], log: EventLog) -> Path:
+    """Write JOB_DIR/adapter (weights, tokenizer, stack.json) via a temporary folder and a rename."""
+    final = job_dir / "adapter"
+    tmp = job_dir / ".adapter.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    modeling.write_stack(final, base_model, quant, parents)
+    log.emit("artifact", kind="adapter", path=str(final))
+    return final
+
+
+def write_eval_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, job_dir: Path, log: EventLog) -> None:
+    """Answer the fixed prompt set greedily with the trained model; saved as eval_samples.jsonl."""
+    from pipeline.generate import generate_ids, render_input
+
+    model.eval()
+    model.config.use_cache = True
+    spec = GenerationSpec(max_new_tokens=max_new_tokens, temperature=0.0)
+    lines = []
+    for prompt in prompts:
+        ids = render_input(tokenizer, [{"role": "user", "content": prompt}], None)
+        answer = tokenizer.decode(generate_ids(model, tokenizer, ids, spec), skip_special_tokens=True).strip()
+        lines.append(json.dumps({"prompt": prompt, "answer": answer}))
+    path = job_dir / "eval_samples.jsonl"
+    write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
+    log.emit("eval", samples=str(path), count=len(lines))
+    log.emit("artifact", kind="eval_samples", path=str(path))
+
+
+def finish(
+    trainer, tokenizer, spec, job_dir: Path, log: EventLog, summary: dict, *,
+    resolved_base: str, data: LoadedData, lengths: dict, stack_base: str, stack_quant, stack_parents: list[str],
+    effective: dict[str, Any], has_eval: bool,
+) -> dict:
+    """After training: eval loss, adapter, eval samples, lineage; returns the end summary."""
+    if has_eval:
+        trainer.evaluate()
+    save_adapter(trainer, tokenizer, job_dir, stack_base, stack_quant, stack_parents, log)
+    write_eval_samples(
+        trainer.model, tokenizer, spec.eval_prompts.prompts, spec.eval_prompts.max_new_tokens, job_dir, log
+    )
+    datasets = [{"source": data.source, "path": data.path, "sha256": data.sha256, "rows": len(data.rows),
+                 "layout": data.layout, "token_lengths": lengths}]
+    path = write_lineage(job_dir, spec, resolved_base, datasets, effective)
+    log.emit("artifact", kind="lineage", path=str(path))
+    summary["peak_memory_gib"] = modeling.peak_memory_gib()
+    if summary.get("runtime_s") and summary.get("tokens_seen"):
+        summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["runtime_s"], 1)
+    return summary
+
+
+def base_effective(dtype: torch.dtype, t: TrainingSpec, rows: int) -> dict[str, Any]:
+    return {
+        "device": modeling.device_name(),
+        "compute_dtype": modeling.dtype_name(dtype),
+        "optim": effective_optim(t.optim),
+        "total_steps": total_steps(rows, t),
+    }
+
