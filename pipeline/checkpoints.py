@@ -62,5 +62,16 @@ def latest_complete(checkpoints_dir: Path) -> Optional[Path]:
     for _, folder in reversed(found):
         if is_complete(folder):
             return folder
-        os.replace(folder, folder.with_name(f"broken-{folder.name}"))
+        _set_aside(folder)
     return None
+
+
+def _set_aside(folder: Path) -> None:
+    """Rename a broken checkpoint to `broken-checkpoint-N` (`-2`, `-3`, ... when the same step broke before:
+    renaming a folder onto an existing non-empty one fails, and the job would fail on every retry)."""
+    target = folder.with_name(f"broken-{folder.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"broken-{folder.name}-{n}")
+    os.replace(folder, target)

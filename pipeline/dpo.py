@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import data as data_mod
-from pipeline import modeling, training
+from pipeline import fast, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
 from pipeline.events import EventLog, make_callback
@@ -64,6 +64,9 @@ def to_text_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
+    # Bad data is the commonest user error: report it before importing TRL or loading any model.
+    data = data_mod.load(spec.dataset, "dpo")
+
     from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
@@ -71,7 +74,6 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     dtype = modeling.compute_dtype(spec.quant.compute_dtype)
     original_base = modeling.resolve_model(spec.base_model)
     tokenizer = modeling.load_tokenizer(original_base)
-    data = data_mod.load(spec.dataset, "dpo")
     lengths = training.warn_long_rows(log, data, "dpo", tokenizer, spec.training.max_length)
     pairs = to_text_pairs(data.rows, tokenizer, spec.training.max_length)
     train_rows, eval_rows = training.split_eval(pairs, spec.training.eval_fraction, spec.training.seed)
@@ -83,15 +85,18 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         policy_base = original_base
         stack_base, stack_quant, stack_parents = spec.base_model, spec.quant, []
     model = modeling.load_base(policy_base, spec.quant, dtype)
+    levers = fast.resolve(spec.training, "dpo", model.config, dtype, rows=len(train_rows))
 
     summary: dict = {}
     set_seed(spec.training.seed)
     args = DPOConfig(
-        **training.trainer_kwargs(spec.training, dtype, job_dir / "checkpoints"),
+        **training.trainer_kwargs(spec.training, dtype, job_dir / "checkpoints", levers),
         beta=spec.beta,
         max_length=spec.training.max_length,
         truncation_mode="keep_start",
         eval_strategy="no",
+        precompute_ref_log_probs=levers.precompute_ref_log_probs,
+        precompute_ref_batch_size=levers.batch_size * 4 if levers.precompute_ref_log_probs else None,
     )
     trainer = DPOTrainer(
         model=model,
@@ -104,18 +109,25 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         callbacks=[make_callback(log, summary)],
     )
     modeling.cast_trainable(trainer.model, dtype)
-    effective = training.base_effective(dtype, spec.training, len(train_rows))
+    effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
-    training.run_trainer(
-        trainer, job_dir, log,
-        dict(stage="dpo", device=effective["device"], dtype=effective["compute_dtype"],
-             total_steps=effective["total_steps"], rows=len(train_rows)),
-    )
+    # Right-padded batches need no attention mask under causal attention (TRL's DPO padding-free is disabled).
+    unmask = fast.drop_right_padding_mask(trainer.model) if levers.padding_free else None
+    try:
+        training.run_trainer(
+            trainer, job_dir, log,
+            dict(stage="dpo", device=effective["device"], dtype=effective["compute_dtype"],
+                 total_steps=effective["total_steps"], rows=len(train_rows), levers=levers.effective()),
+        )
+    finally:
+        if unmask is not None:
+            unmask.remove()  # generation (eval samples) pads and caches: keep its masks
     summary = training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=original_base, data=data, lengths=lengths,
         stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
         effective=effective, has_eval=bool(eval_rows),
+        stack_policy_quant=spec.quant if spec.sft_adapter else None,  # serving redoes the NF4 round trip
     )
     shutil.rmtree(job_dir / "work", ignore_errors=True)  # the merged SFT base is large and rebuilt on demand
     return summary

@@ -20,6 +20,15 @@ class EventLog:
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "a", encoding="utf-8")
+        # A run killed mid-write (kill -9, OOM killer) leaves a torn last line. Appending straight after
+        # it would glue the next run's first event (its `start`, with resume_step) onto that garbage,
+        # and read_events would drop both: start on a new line instead.
+        if self._file.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write("\n")
+                    self._file.flush()
 
     def emit(self, event: str, **fields: Any) -> dict:
         record = {"event": event, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
@@ -70,13 +79,18 @@ def make_callback(log: EventLog, summary: dict):
         def __init__(self) -> None:
             self.t0: Optional[float] = None
             self.step0 = 0
+            self.tokens0 = 0
             self.last_time = 0.0
             self.last_tokens = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0 = self.last_time = time.time()
             self.step0 = state.global_step
-            self.last_tokens = state.num_input_tokens_seen
+            self.last_tokens = self.tokens0 = state.num_input_tokens_seen
+            # Resumed from a checkpoint: the job's first loss is in its restored log history.
+            earlier = [h["loss"] for h in state.log_history if "loss" in h]
+            if earlier:
+                summary.setdefault("first_loss", earlier[0])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -111,7 +125,8 @@ def make_callback(log: EventLog, summary: dict):
             summary["steps"] = state.global_step
             if "reward_accuracy" in fields:
                 summary["reward_accuracy"] = fields["reward_accuracy"]
-            summary["tokens_seen"] = tokens
+            summary["tokens_seen"] = tokens  # the job's, restored on resume
+            summary["tokens_this_run"] = tokens - self.tokens0  # what runtime_s (this run's) covers
 
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -6,11 +6,12 @@ A model reference is `tiny-demo`, a hub id, a merged checkpoint folder, an adapt
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -84,25 +85,58 @@ def generate_ids(model, tokenizer, input_ids: list[int], spec: GenerationSpec):
 
 
 class Generator:
-    """A loaded model and tokenizer; safe to share between threads (one generation at a time)."""
+    """A loaded model and tokenizer; safe to share between threads.
+
+    Llama-architecture models are served by `pipeline.engine.Engine` (static KV cache, CUDA-graph
+    decode, continuous batching: concurrent calls share decode steps); anything else, or
+    TINYLLAMA_MCP_ENGINE=0, uses transformers' generate, one call at a time.
+    """
 
     def __init__(self, model, tokenizer, ref: str):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.ref = ref
         self._lock = threading.Lock()
+        self._engine = None
+        self._engine_off = os.environ.get("TINYLLAMA_MCP_ENGINE", "1") == "0"
+        self.engine_note: Optional[str] = None  # why the engine is not used, when it is not
+
+    def engine(self):
+        """The generation engine, built on first use; None where the model needs plain HF generate."""
+        if self._engine_off:
+            return None
+        with self._lock:
+            if self._engine is None and not self._engine_off:
+                from pipeline.engine import Engine, EngineUnsupported
+
+                try:
+                    self._engine = Engine(self.model, self.tokenizer)
+                except EngineUnsupported as exc:
+                    self._engine_off, self.engine_note = True, str(exc)
+            return self._engine
 
     def generate(
-        self, messages: Optional[list[dict]] = None, prompt: Optional[str] = None, spec: Optional[GenerationSpec] = None
+        self, messages: Optional[list[dict]] = None, prompt: Optional[str] = None, spec: Optional[GenerationSpec] = None,
+        on_text: Optional[Callable[[str, int], None]] = None,
     ) -> GenerationResult:
+        """on_text(partial_text, completion_tokens), if given, is called from the engine thread as text arrives."""
         spec = spec or GenerationSpec()
         start = time.perf_counter()
         input_ids = render_input(self.tokenizer, messages, prompt)
-        with self._lock:
-            new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
-        stopped = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
-        text, cut = _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), spec.stop)
-        finish = "stop" if stopped or cut or len(new_ids) < spec.max_new_tokens else "length"
+        engine = self.engine()
+        if engine is not None:
+            from pipeline.engine import SamplingParams
+
+            res = engine.generate(input_ids, SamplingParams.from_spec(spec), on_text=on_text)
+            new_ids, text, finish = res.token_ids, res.text, res.finish_reason
+        else:
+            with self._lock:
+                new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
+            stopped = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
+            text, cut = _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), spec.stop)
+            finish = "stop" if stopped or cut or len(new_ids) < spec.max_new_tokens else "length"
+            if on_text is not None:
+                on_text(text, len(new_ids))
         return GenerationResult(
             text=text.strip(),
             prompt_tokens=len(input_ids),
@@ -110,6 +144,10 @@ class Generator:
             finish_reason=finish,
             latency_ms=round((time.perf_counter() - start) * 1000, 1),
         )
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
 
 
 def load_generator(model_ref: str, dtype: str = "auto") -> Generator:

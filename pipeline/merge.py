@@ -15,7 +15,7 @@ from pipeline import modeling
 from pipeline.errors import UserError
 from pipeline.events import EventLog
 from pipeline.lineage import write_lineage
-from pipeline.specs import MergeSpec, QuantSpec
+from pipeline.specs import MergeSpec
 
 
 def save_dtype(choice: str) -> torch.dtype:
@@ -49,8 +49,7 @@ def run_merge(spec: MergeSpec, job_dir: Path, log: EventLog) -> dict:
     work = target if torch.cuda.is_available() else torch.float32
     log.emit("start", stage="merge", device=modeling.device_name(), dtype=modeling.dtype_name(target),
              resume_step=None, total_steps=None, rows=None)
-    model = modeling.load_dequantized(base, QuantSpec(**stack["quant"]), work)
-    model = modeling.merge_adapters(model, stack["adapters"]).to(target)
+    model = modeling.merge_adapters(modeling.stack_base(stack, work), stack["adapters"][-1:]).to(target)
 
     final, tmp = job_dir / "merged", job_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -138,9 +138,17 @@ def read_stack(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_stack(adapter_dir: Path, base_model: str, quant: QuantSpec, parents: list[str]) -> None:
-    """Record what an adapter sits on: generation and merge rebuild exactly this stack."""
+def write_stack(
+    adapter_dir: Path, base_model: str, quant: QuantSpec, parents: list[str], policy_quant: Optional[QuantSpec] = None
+) -> None:
+    """Record what an adapter sits on: generation and merge rebuild exactly this stack.
+
+    `policy_quant`: for an adapter trained on top of parents (DPO on SFT), how the merged parent
+    model was loaded for its training (NF4 again, or plain).
+    """
     stack = {"base_model": base_model, "quant": quant.model_dump(), "adapters": [*parents, str(adapter_dir.resolve())]}
+    if parents and policy_quant is not None:
+        stack["policy_quant"] = policy_quant.model_dump()
     (adapter_dir / STACK_FILE).write_text(json.dumps(stack, indent=2))
 
 
@@ -153,6 +161,31 @@ def merge_adapters(model, adapters: list[str]):
     return model
 
 
+def stack_base(stack: dict, dtype: torch.dtype):
+    """The 16-bit model the stack's last adapter was trained on: the base (dequantized as in
+    training) with every earlier adapter merged in.
+
+    DPO on an NF4 SFT model trained on that merged model quantized to NF4 again (`policy_quant`):
+    the same round trip is made here, else the served and merged DPO model differ from the trained one.
+    """
+    adapters = stack["adapters"]
+    missing = [a for a in adapters if not is_adapter_dir(a)]
+    if missing:
+        raise UserError(f"adapter folder(s) {missing} are missing; the parent job's files were removed")
+    model = load_dequantized(resolve_model(stack["base_model"]), QuantSpec(**stack["quant"]), dtype)
+    if not adapters[:-1]:
+        return model
+    model = merge_adapters(model, adapters[:-1])
+    policy_quant = stack.get("policy_quant")
+    if policy_quant and policy_quant["quantization"] == "nf4":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tinyllama-mcp-policy-") as tmp:
+            model.save_pretrained(tmp)  # as pipeline.dpo.sft_merged_base does before training
+            model = load_dequantized(tmp, QuantSpec(**policy_quant), dtype)
+    return model
+
+
 def build_stack(adapter_dir: str, dtype: torch.dtype, keep_last_unmerged: bool):
     """Base (dequantized as in training) + every adapter of the stack.
 
@@ -160,18 +193,13 @@ def build_stack(adapter_dir: str, dtype: torch.dtype, keep_last_unmerged: bool):
     otherwise everything is merged into plain weights.
     """
     stack = read_stack(adapter_dir)
-    quant = QuantSpec(**stack["quant"])
-    model = load_dequantized(resolve_model(stack["base_model"]), quant, dtype)
-    adapters = stack["adapters"]
-    missing = [a for a in adapters if not Path(a, "adapter_config.json").is_file()]
-    if missing:
-        raise UserError(f"adapter folder(s) {missing} are missing; the parent job's files were removed")
-    model = merge_adapters(model, adapters[:-1] if keep_last_unmerged else adapters)
+    model = stack_base(stack, dtype)
+    last = stack["adapters"][-1]
     if keep_last_unmerged:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapters[-1])
-    return model, stack
+        return PeftModel.from_pretrained(model, last), stack
+    return merge_adapters(model, [last]), stack
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -28,12 +28,14 @@ def _on_sigterm(signum, frame):
 
 
 def _quiet_libraries() -> None:
-    """Progress bars and hub chatter would bloat log.txt; events.jsonl carries progress."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    """Progress bars and hub chatter would bloat log.txt; events.jsonl carries progress.
 
-    hf_logging.disable_progress_bar()
+    Environment only, set before the libraries are imported (transformers takes its progress-bar
+    setting from huggingface_hub's), so a job that fails on its spec or data imports none of them.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Tokenizing train dataset: ..." bars
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _load_spec(job_dir: Path):

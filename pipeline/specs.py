@@ -85,7 +85,37 @@ class TrainingSpec(_Spec):
     optim: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0, le=1000)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory. 'auto': only when the estimated "
+        "activations of one micro-batch do not fit in free GPU memory (speed lever, issue 4).",
+    )
+    # ---- speed levers (issue 4); each can be switched off, none changes what is learned per token
+    padding_free: bool = Field(
+        True,
+        description="SFT: pack each micro-batch's sequences into rows with restarting position_ids and no "
+        "attention mask (no attention across sequences, far fewer pad tokens). DPO: drop the mask of "
+        "right-padded batches (exact under causal attention), so attention takes the flash kernel.",
+    )
+    max_tokens_per_batch: int = Field(
+        16384, ge=0, le=10_000_000,
+        description="Run the gradient-accumulation micro-batches of one optimizer step as one forward when "
+        "per_device_train_batch_size x gradient_accumulation_steps x max_length (x2 for DPO) fits this "
+        "budget: the same sequences per step, the same gradient, fewer and larger kernels. 0: off.",
+    )
+    use_liger_kernel: bool = Field(
+        True, description="Liger's fused RMSNorm, RoPE and SwiGLU kernels (CUDA only; skipped with a note on CPU)."
+    )
+    activation_offloading: bool = Field(
+        False,
+        description="Offload saved activations to pinned CPU memory (TRL); with gradient_checkpointing=true this "
+        "is the memory-saving mode. CUDA only.",
+    )
+    precompute_ref_log_probs: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="DPO: compute the reference log-probs once before training instead of a reference forward "
+        "every step. 'auto': only when the run uses every row at least twice (else it would pay for rows never seen).",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1)
     logging_steps: int = Field(1, ge=1, le=100_000)
     save_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every this many optimizer steps.")

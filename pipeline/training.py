@@ -37,12 +37,21 @@ def effective_optim(optim: str) -> str:
     return "adamw_torch"
 
 
-def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path) -> dict[str, Any]:
-    """TrainingArguments fields shared by SFTConfig and DPOConfig, from the spec."""
+def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, levers=None) -> dict[str, Any]:
+    """TrainingArguments fields shared by SFTConfig and DPOConfig, from the spec.
+
+    `levers` (pipeline.fast.Levers, resolved for this stage and machine) sets the speed levers and the
+    micro-batch shape; without it the spec's fields are passed as they are.
+    """
+    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    if levers is not None:
+        batch, accumulation = levers.batch_size, levers.accumulation
+    checkpointing = t.gradient_checkpointing if levers is None else levers.gradient_checkpointing
+    checkpointing = bool(checkpointing) if checkpointing != "auto" else True
     return dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
@@ -51,8 +60,9 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path) -> dic
         optim=effective_optim(t.optim),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        **({} if levers is None else levers.config_kwargs()),
         seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -109,7 +119,9 @@ def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> No
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
-def save_adapter(trainer, tokenizer, job_dir: Path, base_model: str, quant, parents: list[str], log: EventLog) -> Path:
+def save_adapter(
+    trainer, tokenizer, job_dir: Path, base_model: str, quant, parents: list[str], log: EventLog, policy_quant=None
+) -> Path:
     """Write JOB_DIR/adapter (weights, tokenizer, stack.json) via a temporary folder and a rename."""
     final = job_dir / "adapter"
     tmp = job_dir / ".adapter.tmp"
@@ -120,7 +132,7 @@ def save_adapter(trainer, tokenizer, job_dir: Path, base_model: str, quant, pare
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    modeling.write_stack(final, base_model, quant, parents)
+    modeling.write_stack(final, base_model, quant, parents, policy_quant)
     log.emit("artifact", kind="adapter", path=str(final))
     return final
 
@@ -146,12 +158,12 @@ def write_eval_samples(model, tokenizer, prompts: list[str], max_new_tokens: int
 def finish(
     trainer, tokenizer, spec, job_dir: Path, log: EventLog, summary: dict, *,
     resolved_base: str, data: LoadedData, lengths: dict, stack_base: str, stack_quant, stack_parents: list[str],
-    effective: dict[str, Any], has_eval: bool,
+    effective: dict[str, Any], has_eval: bool, stack_policy_quant=None,
 ) -> dict:
     """After training: eval loss, adapter, eval samples, lineage; returns the end summary."""
     if has_eval:
         trainer.evaluate()
-    save_adapter(trainer, tokenizer, job_dir, stack_base, stack_quant, stack_parents, log)
+    save_adapter(trainer, tokenizer, job_dir, stack_base, stack_quant, stack_parents, log, stack_policy_quant)
     write_eval_samples(
         trainer.model, tokenizer, spec.eval_prompts.prompts, spec.eval_prompts.max_new_tokens, job_dir, log
     )
@@ -160,16 +172,19 @@ def finish(
     path = write_lineage(job_dir, spec, resolved_base, datasets, effective)
     log.emit("artifact", kind="lineage", path=str(path))
     summary["peak_memory_gib"] = modeling.peak_memory_gib()
-    if summary.get("runtime_s") and summary.get("tokens_seen"):
-        summary["tokens_per_s"] = round(summary["tokens_seen"] / summary["runtime_s"], 1)
+    if summary.get("runtime_s") and summary.get("tokens_this_run"):
+        summary["tokens_per_s"] = round(summary["tokens_this_run"] / summary["runtime_s"], 1)
     return summary
 
 
-def base_effective(dtype: torch.dtype, t: TrainingSpec, rows: int) -> dict[str, Any]:
-    return {
+def base_effective(dtype: torch.dtype, t: TrainingSpec, rows: int, levers=None) -> dict[str, Any]:
+    effective = {
         "device": modeling.device_name(),
         "compute_dtype": modeling.dtype_name(dtype),
         "optim": effective_optim(t.optim),
         "total_steps": total_steps(rows, t),
     }
+    if levers is not None:
+        effective.update(levers.effective())
+    return effective
 

@@ -1,0 +1,453 @@
+"""SFT and DPO throughput side by side, in one process on one CUDA card (issue 4).
+
+    python -m bench.train_bench --out OUT_DIR [--seconds 25] [--budget-s 450] [--profile]
+    python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
+
+Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
+Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with prompt and answers of
+~50 to ~500 tokens each. Runs, per stage:
+  a  the reference recipe as docs/ai states it: plain TRL defaults, batch 2 x accumulation 4, length 512,
+     gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
+  b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
+  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, fast defaults.
+  c-lowmem (SFT)  c in the memory-saving mode: gradient_checkpointing=true, activation_offloading=true.
+Each run is time-bounded: it stops after --seconds of training (the schedule is the nominal run's,
+so the learning rate is what the full run would use at those steps). Reported: real (non-pad) tokens/s
+over the steps after the first two, peak GPU memory (torch allocator; paged optimizer states live in
+managed memory and are not counted), loss around the same token count for all runs of a stage,
+ratios c/a and c/b, the card. Writes OUT_DIR/train_bench.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+WARMUP_STEPS = 2
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_meter(seconds: float, max_steps: Optional[int] = None):
+    """A TrainerCallback recording (time, real tokens, loss) per optimizer step and stopping after `seconds`."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[dict] = []
+            self.t0: Optional[float] = None
+            self.losses: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync()
+            now = time.perf_counter()
+            self.points.append({"step": state.global_step, "t": now - self.t0, "tokens": int(state.num_input_tokens_seen)})
+            if now - self.t0 >= seconds or (max_steps and len(self.points) >= max_steps):
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
+
+        def result(self) -> dict:
+            pts = self.points
+            out: dict[str, Any] = {"steps": len(pts), "tokens": pts[-1]["tokens"] if pts else 0,
+                                   "train_s": round(pts[-1]["t"], 2) if pts else 0.0}
+            if len(pts) > WARMUP_STEPS + 1:
+                first, last = pts[WARMUP_STEPS - 1], pts[-1]
+                out["tokens_per_s"] = round((last["tokens"] - first["tokens"]) / (last["t"] - first["t"]), 1)
+            elif pts:
+                out["tokens_per_s"] = round(pts[-1]["tokens"] / max(pts[-1]["t"], 1e-9), 1)
+                out["note"] = "too few steps to skip warm-up"
+            out["curve"] = [{"step": p["step"], "tokens": p["tokens"], "loss": self.losses.get(p["step"])} for p in pts]
+            return out
+
+    return Meter()
+
+
+class Both:
+    """Fan TrainerCallback events out to two callbacks (the stage's own and the meter)."""
+
+    def __init__(self, *callbacks):
+        self.callbacks = callbacks
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for cb in self.callbacks:
+                getattr(cb, name)(*args, **kwargs)
+
+        return call
+
+
+def loss_at(curve: list[dict], tokens: int, window: int = 3) -> Optional[float]:
+    """Mean logged loss of the last `window` steps up to the first step that reaches `tokens`."""
+    upto = []
+    for p in curve:
+        if p["loss"] is not None:
+            upto.append(p["loss"])
+        if p["tokens"] >= tokens:
+            break
+    return round(sum(upto[-window:]) / len(upto[-window:]), 4) if upto else None
+
+
+def peak_gib() -> Optional[float]:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def reset_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def lora():
+    from peft import LoraConfig
+
+    from pipeline.specs import LLAMA_PROJECTIONS
+
+    return LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1, bias="none", target_modules=list(LLAMA_PROJECTIONS),
+                      task_type="CAUSAL_LM")
+
+
+def hf_common(cfg, out: Path, *, batch: int, accumulation: int) -> dict:
+    import torch
+
+    from pipeline import modeling
+    from pipeline.training import effective_optim
+
+    dtype = modeling.compute_dtype(cfg.dtype)
+    return dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                optim=effective_optim("paged_adamw_32bit"), bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+                logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=42,
+                include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
+
+
+def run_hf_sft(cfg, rows: list[dict], out: Path, *, batch: int, accumulation: int, max_length: int) -> dict:
+    """Plain TRL SFTTrainer: the recipe's QLoRA model and TRL's defaults otherwise."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline import modeling
+    from pipeline.specs import QuantSpec
+
+    dtype = modeling.compute_dtype(cfg.dtype)
+    tokenizer = modeling.load_tokenizer(cfg.base)
+    model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), dtype)
+    set_seed(42)
+    meter = make_meter(cfg.seconds)
+    args = SFTConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=2e-4,
+                     lr_scheduler_type="cosine", num_train_epochs=1, max_length=max_length)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora(), callbacks=[meter])
+    trainer.train()
+    return meter.result()
+
+
+def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: int, max_length: int) -> dict:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline import modeling
+    from pipeline.dpo import to_text_pairs
+    from pipeline.specs import QuantSpec
+
+    dtype = modeling.compute_dtype(cfg.dtype)
+    tokenizer = modeling.load_tokenizer(cfg.base)
+    model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), dtype)
+    set_seed(42)
+    meter = make_meter(cfg.seconds)
+    args = DPOConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=1e-5,
+                     lr_scheduler_type="cosine", warmup_steps=0.1, max_steps=200, beta=0.1, max_length=max_length,
+                     truncation_mode="keep_start")
+    trainer = DPOTrainer(model=model, ref_model=None, args=args,
+                         train_dataset=Dataset.from_list(to_text_pairs(pairs, tokenizer, max_length)),
+                         processing_class=tokenizer, peft_config=lora(), callbacks=[meter])
+    trainer.train()
+    return meter.result()
+
+
+def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
+    """The project's stage function, in-process, with the meter added to its callbacks."""
+    import pipeline.dpo as dpo_mod
+    import pipeline.sft as sft_mod
+    from pipeline.events import EventLog, read_events
+    from pipeline.specs import DPOSpec, SFTSpec
+
+    out.mkdir(parents=True, exist_ok=True)
+    meter = make_meter(cfg.seconds)
+    module = sft_mod if stage == "sft" else dpo_mod
+    original = module.make_callback
+    module.make_callback = lambda log, summary: Both(original(log, summary), meter)
+    common = dict(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
+                  eval_prompts={"prompts": [], "max_new_tokens": 1})
+    training = dict(training, save_steps=10_000_000)
+    spec = SFTSpec(**common, training=training) if stage == "sft" else DPOSpec(**common, training=training)
+    log = EventLog(out / "events.jsonl")
+    try:
+        (sft_mod.run_sft if stage == "sft" else dpo_mod.run_dpo)(spec, out, log)
+    finally:
+        module.make_callback = original
+        log.close()
+    result = meter.result()
+    start = next((e for e in read_events(out / "events.jsonl") if e["event"] == "start"), {})
+    result["levers"] = start.get("levers")
+    return result
+
+
+def guarded(name: str, fn, results: dict, fallback=None) -> None:
+    """Run one measurement; record its error instead of stopping the bench; try `fallback` if given."""
+    reset_memory()
+    t0 = time.time()
+    try:
+        r = fn()
+    except Exception as exc:
+        traceback.print_exc()
+        r = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+        if fallback is not None:
+            print(f"[bench] {name} failed ({r['error']}); retrying with its fallback", file=sys.stderr, flush=True)
+            reset_memory()
+            try:
+                r = {**fallback(), "first_error": r["error"], "fallback": True}
+            except Exception as exc2:
+                traceback.print_exc()
+                r["fallback_error"] = f"{type(exc2).__name__}: {exc2}"
+    r["peak_gib"] = peak_gib()
+    r["wall_s"] = round(time.time() - t0, 1)
+    results[name] = r
+    print(f"[bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'curve'})}", flush=True)
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
+    """torch.profiler over a few steps of the project's SFT stage: top kernels by device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    import pipeline.sft as sft_mod
+    from pipeline.events import EventLog
+    from pipeline.specs import SFTSpec
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, record_shapes=False)
+    state = {"n": 0, "on": False}
+
+    class Prof(TrainerCallback):
+        def on_step_begin(self, args, st, control, **kwargs):
+            if st.global_step == WARMUP_STEPS and not state["on"]:
+                _sync()
+                prof.__enter__()
+                state["on"] = True
+
+        def on_step_end(self, args, st, control, **kwargs):
+            if state["on"]:
+                state["n"] += 1
+                if state["n"] >= steps:
+                    _sync()
+                    prof.__exit__(None, None, None)
+                    state["on"] = False
+                    control.should_training_stop = True
+
+    original = sft_mod.make_callback
+    sft_mod.make_callback = lambda log, summary: Both(original(log, summary), Prof())
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SFTSpec(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
+                   eval_prompts={"prompts": [], "max_new_tokens": 1}, training=dict(training, save_steps=10_000_000))
+    log = EventLog(out / "events.jsonl")
+    try:
+        sft_mod.run_sft(spec, out, log)
+    finally:
+        sft_mod.make_callback = original
+        log.close()
+    averages = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if torch.cuda.is_available() else ()) + ("self_cpu_time_total",):
+        try:
+            table = averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
+            break
+        except Exception:  # older torch names the column self_cuda_time_total
+            continue
+    return f"top ops over {steps} steps of the project's SFT stage (sorted by {key}):\n{table}"
+
+
+# ---------------------------------------------------------------- main
+
+
+def table(results: dict, card: str) -> str:
+    lines = [f"card: {card}", f"{'run':14} {'tok/s':>9} {'peak GiB':>8} {'steps':>5} {'tokens':>9} "
+             f"{'loss@T':>8} {'wall s':>6}  note"]
+    for stage in ("sft", "dpo"):
+        runs = results.get(stage, {})
+        for name, r in runs.get("runs", {}).items():
+            note = r.get("error", "") or ("fallback: " + r.get("first_error", "") if r.get("fallback") else "")
+            lines.append(f"{stage + ' ' + name:14} {r.get('tokens_per_s', 0) or 0:9.0f} {r.get('peak_gib') or 0:8.2f} "
+                         f"{r.get('steps', 0):5d} {r.get('tokens', 0):9d} {r.get('loss_at_T') or float('nan'):8.4f} "
+                         f"{r.get('wall_s', 0):6.1f}  {note}")
+        if runs.get("ratios"):
+            lines.append(f"{stage} ratios: {runs['ratios']}  (loss@T: T = {runs.get('loss_tokens')} tokens)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny-demo, small shapes: checks the bench works")
+    ap.add_argument("--seconds", type=float, default=None, help="training seconds per run (default 25; smoke 4)")
+    ap.add_argument("--budget-s", type=float, default=450, help="skip remaining runs once this much wall time is spent")
+    ap.add_argument("--only", choices=["sft", "dpo"], default=None)
+    ap.add_argument("--profile", action="store_true", help="also profile a few steps of the project's SFT stage")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
+    cfg = ap.parse_args(argv)
+    t_start = time.time()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
+    from pipeline.data import load as load_data
+    from pipeline.modeling import device_name
+    from pipeline.specs import DatasetSpec
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    if not cfg.smoke and not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    if cfg.smoke:
+        cfg.seconds = cfg.seconds or 4
+        cfg.base, cfg.dtype = "tiny-demo", "auto"
+        from pipeline.modeling import resolve_model
+
+        cfg.base = resolve_model("tiny-demo")
+        n_sft, n_dpo = 64, 48
+        sft_len, dpo_len, short_len = 256, 256, 128
+        sft_words, dpo_words = (30, 150), (10, 60)
+    else:
+        cfg.seconds = cfg.seconds or 25
+        cfg.base = str(build_tinyllama_shaped(cfg.work / "tinyllama-shaped"))
+        cfg.dtype = "auto"
+        n_sft, n_dpo = 2400, 1200
+        sft_len, dpo_len, short_len = 2048, 1024, 512
+        sft_words, dpo_words = (60, 1400), (30, 300)  # ~1.67 tokens a word: ~100-2,300 and ~50-500 tokens
+    sft_path = write_jsonl(sft_rows(n_sft, seed=1, lo=sft_words[0], hi=sft_words[1]), cfg.work / "sft.jsonl")
+    dpo_path = write_jsonl(dpo_rows(n_dpo, seed=2, lo=dpo_words[0], hi=dpo_words[1]), cfg.work / "dpo.jsonl")
+    sft_data = load_data(DatasetSpec(source=str(sft_path)), "sft").rows
+    dpo_data = load_data(DatasetSpec(source=str(dpo_path)), "dpo").rows
+    card = device_name()
+    results: dict[str, Any] = {"card": card, "torch": torch.__version__, "seconds_per_run": cfg.seconds,
+                               "smoke": cfg.smoke, "sft": {"runs": {}}, "dpo": {"runs": {}}}
+
+    def left() -> bool:
+        return time.time() - t_start < cfg.budget_s
+
+    fast_sft = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=sft_len,
+                    learning_rate=2e-4, num_train_epochs=1)
+    fast_dpo = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=dpo_len,
+                    learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+    # Liger patches transformers' Llama classes for the whole process: every plain-HF baseline runs
+    # before the first run that may apply it.
+    sft_on, dpo_on = cfg.only in (None, "sft"), cfg.only in (None, "dpo")
+    plan = []
+    if sft_on:
+        plan += [
+            ("sft", "a", lambda: run_hf_sft(cfg, sft_data, cfg.work / "sft_a", batch=2, accumulation=4, max_length=short_len), None),
+            ("sft", "b", lambda: run_hf_sft(cfg, sft_data, cfg.work / "sft_b", batch=8, accumulation=1, max_length=sft_len), None),
+        ]
+    if dpo_on:
+        plan += [
+            ("dpo", "a", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_a", batch=2, accumulation=4, max_length=short_len), None),
+            ("dpo", "b", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_b", batch=8, accumulation=1, max_length=dpo_len), None),
+        ]
+    if sft_on:
+        plan.append(("sft", "c", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c", fast_sft),
+                     lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c2", dict(fast_sft, use_liger_kernel=False))))
+    if dpo_on:
+        plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
+                     lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
+    if sft_on:
+        lowmem = dict(fast_sft, gradient_checkpointing=True, activation_offloading=True)
+        plan.append(("sft", "c-lowmem", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem", lowmem),
+                     lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem2",
+                                       dict(lowmem, activation_offloading=False))))
+    for stage, name, fn, fallback in plan:
+        if not left():
+            results[stage]["runs"][name] = {"skipped": "over --budget-s"}
+            continue
+        guarded(name, fn, results[stage]["runs"], fallback)
+
+    for stage in ("sft", "dpo"):
+        runs = results[stage]["runs"]
+        done = {k: v for k, v in runs.items() if v.get("tokens")}
+        if done:
+            common = min(v["tokens"] for v in done.values())
+            results[stage]["loss_tokens"] = common
+            for v in done.values():
+                v["loss_at_T"] = loss_at(v["curve"], common)
+        rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
+        ratios = {}
+        for num in ("c", "c-lowmem"):
+            for den in ("a", "b"):
+                if rate.get(num) and rate.get(den):
+                    ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
+        results[stage]["ratios"] = ratios
+
+    if cfg.profile and cfg.only in (None, "sft"):
+        if left():
+            reset_memory()
+            try:
+                text = profile_sft(cfg, sft_path, cfg.work / "sft_prof", fast_sft)
+            except Exception as exc:
+                traceback.print_exc()
+                text = f"profile failed: {type(exc).__name__}: {exc}"
+            (cfg.out / "profile_sft.txt").write_text(text)
+            results["profile"] = str(cfg.out / "profile_sft.txt")
+            print(text[:6000], flush=True)
+        else:
+            results["profile"] = "skipped: over --budget-s"
+
+    results["wall_s"] = round(time.time() - t_start, 1)
+    (cfg.out / "train_bench.json").write_text(json.dumps(results, indent=2))
+    text = table(results, card)
+    (cfg.out / "train_bench.txt").write_text(text + "\n")
+    print(text, flush=True)
+    print(f"total wall {results['wall_s']} s; JSON: {cfg.out / 'train_bench.json'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,822 @@
+"""Fast generation for Llama-architecture models: static KV cache, CUDA-graph decode, continuous batching.
+
+What it serves: any `LlamaForCausalLM` (merged checkpoints, tiny-demo, the TinyLlama base) and a
+PEFT stack whose last LoRA adapter is still live. The engine does not run the Hugging Face modules:
+it reads their weights once and runs its own small Llama forward (RMSNorm, RoPE, grouped-query
+attention over the cache through SDPA, SwiGLU MLP), with Q|K|V and gate|up fused into one GEMM each.
+
+Unmerged LoRA: the adapter is merged into the engine's *private* copy of the weights (W + s*B@A,
+computed in fp32), so serving costs no extra kernels; the Hugging Face model, with its live
+adapter, is left untouched. DoRA and LoRA biases are not supported (the caller falls back to HF).
+
+Layout and flow (one background thread owns the GPU work):
+
+- KV cache: two tensors [layers, slots, kv_heads, max_len, head_dim], allocated once. A request
+  holds one slot (row) from prefill to finish; finished rows are refilled by waiting requests
+  between decode chunks, and the highest busy row is moved into holes, so the running batch stays
+  dense (continuous batching).
+- Prefill: the new requests, right-padded to one length, in one eager forward (causal SDPA);
+  it writes their K/V rows and samples their first token on the GPU.
+- Decode: one step = embed -> 22 layers -> logits -> sampling -> next input, all on the GPU, with
+  the state (input token, position) kept in static buffers the step itself advances. On CUDA each
+  (batch size, context bucket, greedy|sampling) is captured once in a CUDA graph and replayed; the
+  running batch is padded up to the next captured size (1, 2, 4, 8, then steps of 8); attention reads
+  only the first `bucket` positions of the cache (256, 512, 1024, ...).
+- The host never waits per token: `chunk` steps are launched back to back, their tokens copied to
+  pinned memory once, and read while the next chunk already runs. A request that hit EOS or a stop
+  string keeps its row for at most two more chunks; the extra tokens are dropped.
+- Sampling: temperature, top-p, and a per-request seed, without any RNG state: the noise for token
+  v at position p of a request seeded s is a hash of (s, p, v) (Gumbel-max / exponential race), so a
+  seeded request gives the same text whatever else is in the batch, and graphs need no RNG handling.
+- On CPU (tests) exactly the same code runs eagerly, without graphs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TextCallback = Callable[[str, int], None]
+
+
+class EngineUnsupported(Exception):
+    """The model cannot be served by the engine (architecture, quantized weights, DoRA): use plain HF generate."""
+
+
+class EngineFull(UserError):
+    """The engine's queue is full: the caller should retry later."""
+
+
+class EngineClosed(UserError):
+    pass
+
+
+@dataclass
+class EngineResult:
+    token_ids: list[int]  # generated ids; includes the EOS id when EOS stopped the request (as HF generate)
+    text: str  # decoded (special tokens skipped), cut at the first stop string; "" without a tokenizer
+    finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float  # submit -> finished
+    ttft_ms: float  # submit -> first token sampled (host view, chunk granularity)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_spec(cls, spec) -> "SamplingParams":
+        """From a pipeline.specs.GenerationSpec."""
+        return cls(
+            max_new_tokens=spec.max_new_tokens,
+            temperature=spec.temperature if spec.sampling else 0.0,
+            top_p=spec.top_p if spec.sampling else 1.0,
+            seed=spec.seed,
+            stop=tuple(spec.stop),
+        )
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    on_text: Optional[TextCallback]
+    future: Future
+    seed: int
+    submitted: float
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1
+    pos: int = 0  # host count of the position of the next decode input
+    done: bool = False
+    cancelled: bool = False
+    first_token_t: Optional[float] = None
+    emitted: str = ""
+    fresh: bool = False  # prefilled, first token not yet read back
+    planned: int = 0  # tokens that launched work will have produced (no chunk is launched past max_new_tokens)
+    last_emit: float = 0.0
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: a future of an EngineResult, and a way to cancel."""
+
+    def __init__(self, engine: "Engine", req: _Request):
+        self._engine, self._req = engine, req
+        self.future: Future = req.future
+
+    def result(self, timeout: Optional[float] = None) -> EngineResult:
+        return self.future.result(timeout)
+
+    def cancel(self) -> None:
+        """Stop generating; the future resolves with finish_reason 'cancelled' and the tokens so far."""
+        self._engine._cancel(self._req)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+# ---------------------------------------------------------------- small numeric helpers
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _uniform(seed: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) noise as a pure hash of (seed, position, token id): int64 ops, no overflow."""
+    x = (seed * 0x27D4EB2D + pos * 0x165667B1).unsqueeze(-1) + idx * 0x61C88647
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    x = x ^ (x >> 16)
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def _pick(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+          pos: torch.Tensor, sampling: bool) -> torch.Tensor:
+    """Next token per row: argmax where temp == 0, else a top-p sample keyed by (seed, pos). logits fp32 [b, V]."""
+    greedy = logits.argmax(-1)
+    if not sampling:
+        return greedy
+    probs = torch.softmax(logits / temp.clamp_min(1e-5).unsqueeze(-1), dim=-1)
+    sp, si = probs.sort(dim=-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p.unsqueeze(-1)  # the most likely token is always kept
+    sp = sp.masked_fill(~keep, 0.0)
+    race = sp / -torch.log(_uniform(seed, pos, si))  # exponential race == sampling proportional to sp
+    sampled = si.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(temp > 0, sampled, greedy)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _linear_weight(mod) -> torch.Tensor:
+    """The effective weight of a (possibly PEFT-LoRA-wrapped) nn.Linear, LoRA merged in fp32."""
+    if hasattr(mod, "base_layer") and hasattr(mod, "lora_A"):
+        base = _linear_weight(mod.base_layer)
+        if getattr(mod, "disable_adapters", False):
+            return base
+        merged = set(getattr(mod, "merged_adapters", []))
+        active = mod.active_adapters if isinstance(mod.active_adapters, (list, tuple)) else [mod.active_adapters]
+        w = None
+        for name in active:
+            if name in merged or name not in mod.lora_A:
+                continue
+            if getattr(mod, "use_dora", {}).get(name, False):
+                raise EngineUnsupported("DoRA adapters are not supported by the engine")
+            if getattr(mod, "lora_bias", {}).get(name, False):
+                raise EngineUnsupported("LoRA biases are not supported by the engine")
+            a, b = mod.lora_A[name].weight.float(), mod.lora_B[name].weight.float()
+            delta = b @ a
+            if getattr(mod, "fan_in_fan_out", False):
+                delta = delta.T
+            w = (base.float() if w is None else w) + delta * mod.scaling[name]
+        return base if w is None else w.to(base.dtype)
+    if getattr(mod, "bias", None) is not None:
+        raise EngineUnsupported("linear layers with bias are not supported by the engine")
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # bitsandbytes' Params4bit/Int8Params are packed integer tensors
+        raise EngineUnsupported(f"weights of {type(mod).__name__} ({getattr(w, 'dtype', None)}) are not plain 16/32-bit")
+    return w.detach()
+
+
+def _unwrap(model):
+    """The LlamaForCausalLM inside a PeftModel (or the model itself)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+@dataclass
+class _Weights:
+    embed: torch.Tensor
+    layers: list[tuple]  # (w_in, w_qkv, w_o, w_post, w_gate_up, w_down)
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    inv_freq: torch.Tensor
+    rope_scale: float
+
+
+def extract_weights(model) -> tuple[_Weights, object]:
+    """Read (and fuse) the weights of a Llama model; raises EngineUnsupported for anything else."""
+    hf = _unwrap(model)
+    cfg = hf.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise EngineUnsupported(f"model type {getattr(cfg, 'model_type', None)!r} is not Llama")
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise EngineUnsupported("only Llama with SiLU MLP and no biases is supported")
+    rope = hf.model.rotary_emb
+    rope_type = getattr(rope, "rope_type", "default")
+    if "dynamic" in str(rope_type):
+        raise EngineUnsupported(f"rope type {rope_type} is not supported")
+    with torch.no_grad():
+        layers = []
+        for layer in hf.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([_linear_weight(at.q_proj), _linear_weight(at.k_proj), _linear_weight(at.v_proj)], 0)
+            gu = torch.cat([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)], 0)
+            layers.append((layer.input_layernorm.weight.detach(), qkv.contiguous(), _linear_weight(at.o_proj),
+                           layer.post_attention_layernorm.weight.detach(), gu.contiguous(),
+                           _linear_weight(mlp.down_proj)))
+        weights = _Weights(
+            embed=hf.model.embed_tokens.weight.detach(),
+            layers=layers,
+            norm=hf.model.norm.weight.detach(),
+            lm_head=_linear_weight(hf.lm_head),
+            inv_freq=rope.inv_freq.detach().float(),
+            rope_scale=float(getattr(rope, "attention_scaling", 1.0)),
+        )
+    return weights, cfg
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for src in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(_unwrap(model), "generation_config", None), "eos_token_id", None)):
+        if src is None:
+            continue
+        ids += list(src) if isinstance(src, (list, tuple)) else [src]
+    return sorted(set(int(i) for i in ids))
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Continuous-batching generation over one Llama model.
+
+    engine = Engine(model, tokenizer, max_batch=32)
+    handle = engine.submit(input_ids, SamplingParams(max_new_tokens=128), on_text=cb)   # thread-safe
+    result = handle.result()             # EngineResult
+    engine.generate(input_ids, params)   # submit + wait
+    engine.close()
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch: Optional[int] = None,
+        max_len: Optional[int] = None,
+        max_queue: int = 256,
+        chunk: Optional[int] = None,
+        use_cuda_graphs: Optional[bool] = None,
+        compile_helpers: Optional[bool] = None,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        prefill_tokens: int = 8192,
+        stream_interval_s: float = 0.25,
+        idle_exit_s: float = 30.0,
+    ):
+        weights, cfg = extract_weights(model)
+        self.w = weights
+        self.tokenizer = tokenizer
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        on_cuda = self.device.type == "cuda"
+        self.n_layers = len(weights.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.vocab = weights.lm_head.shape[0]
+        self.max_len = int(max_len or min(getattr(cfg, "max_position_embeddings", 2048), 4096))
+        self.max_batch = int(max_batch or (32 if on_cuda else 8))
+        self.max_queue = max_queue
+        self.chunk = int(chunk or (8 if on_cuda else 4))
+        self.prefill_tokens = max(prefill_tokens, self.max_len)
+        self.stream_interval_s = stream_interval_s
+        self.idle_exit_s = idle_exit_s
+        self.eos = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.use_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
+        self.info: dict = {"cuda_graphs": self.use_graphs, "compiled_helpers": False, "graph_error": None,
+                           "compile_error": None, "lora_merged_privately": hasattr(model, "get_base_model")}
+
+        S, L, M, D = self.max_batch, self.n_layers, self.max_len, self.head_dim
+        dev = self.device
+        self.k_cache = torch.zeros(L, S, self.n_kv, M, D, dtype=self.dtype, device=dev)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        pos = torch.arange(M, device=dev, dtype=torch.float32)
+        freqs = pos[:, None] * weights.inv_freq.to(dev)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * weights.rope_scale).to(self.dtype)
+        self.sin = (emb.sin() * weights.rope_scale).to(self.dtype)
+        self.arange_len = torch.arange(M, device=dev)
+        self.rows = torch.arange(S, device=dev)
+        self.heads = torch.arange(self.n_kv, device=dev)
+        # decode state, advanced by the step itself
+        self.tok_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self.temp_buf = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.top_p_buf = torch.ones(S, dtype=torch.float32, device=dev)
+        self.seed_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self.hist = torch.zeros(self.chunk + 1, S, dtype=torch.long, device=dev)
+        self.hist_host = [torch.zeros(self.chunk + 1, S, dtype=torch.long, pin_memory=on_cuda) for _ in range(2)]
+        self._host_i = 0
+
+        self.capture_sizes = sorted({s for s in (1, 2, 4, 8, *range(16, S + 1, 8)) if s <= S} | {S})
+        self.buckets = sorted({b for b in (256 * 2**i for i in range(16)) if b < M} | {M})
+        self._graphs: dict[tuple, object] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stream = torch.cuda.Stream(dev) if on_cuda else None
+
+        self._rms, self._rope, self._silu_mul = _rms_norm, _rope, _silu_mul
+        if compile_helpers is None:
+            compile_helpers = on_cuda and os.environ.get("TINYLLAMA_MCP_ENGINE_COMPILE", "1") != "0"
+        if compile_helpers:
+            self._try_compile()
+
+        # scheduling state
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._slots: list[Optional[_Request]] = [None] * S
+        self._closing = False
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self.stats = {"steps": 0, "chunks": 0, "prefills": 0, "finished": 0}
+
+    # ------------------------------------------------------------ public API
+
+    def submit(self, input_ids: Sequence[int], params: Optional[SamplingParams] = None, *,
+               on_text: Optional[TextCallback] = None) -> RequestHandle:
+        """Queue a request (thread-safe). Raises EngineFull when the queue is full, UserError when it cannot fit.
+
+        on_text(text_so_far, completion_tokens) is called from the engine thread, at most every
+        `stream_interval_s` and once at the end, with the partial text (stop strings already cut);
+        it must return quickly (hand the work to your event loop). Needs a tokenizer.
+        """
+        params = params or SamplingParams()
+        prompt = [int(t) for t in input_ids]
+        if not prompt:
+            raise UserError("the prompt is empty; pass at least one token")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise UserError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds this model's "
+                f"context of {self.max_len} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if max(prompt) >= self.vocab or min(prompt) < 0:
+            raise UserError(f"token ids must be in [0, {self.vocab})")
+        if (on_text is not None or params.stop) and self.tokenizer is None:
+            raise UserError("streaming text and stop strings need the engine to have a tokenizer")
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        req = _Request(prompt, params, on_text, Future(), seed & _M32, time.perf_counter())
+        req.future.set_running_or_notify_cancel()
+        with self._cv:
+            if self._error is not None:
+                raise EngineClosed(f"the generation engine failed earlier ({self._error!r}); reload the model")
+            if self._closing:
+                raise EngineClosed("the generation engine is shut down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineFull(
+                    f"the generation queue is full ({self.max_queue} requests waiting, {self.max_batch} running); "
+                    "retry in a few seconds"
+                )
+            self._waiting.append(req)
+            self._ensure_thread()
+            self._cv.notify_all()
+        return RequestHandle(self, req)
+
+    def generate(self, input_ids: Sequence[int], params: Optional[SamplingParams] = None, *,
+                 on_text: Optional[TextCallback] = None, timeout: Optional[float] = None) -> EngineResult:
+        return self.submit(input_ids, params, on_text=on_text).result(timeout)
+
+    def load(self) -> dict:
+        """Running and queued request counts (for status displays)."""
+        with self._cv:
+            return {"running": sum(r is not None for r in self._slots), "queued": len(self._waiting),
+                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def warmup(self, batch_sizes: Optional[Sequence[int]] = None, buckets: Optional[Sequence[int]] = None,
+               sampling: Sequence[bool] = (False,)) -> float:
+        """Capture the decode graphs up front (else they are captured on first use). Returns seconds taken.
+
+        Call before any request is submitted.
+        """
+        t0 = time.perf_counter()
+        if not self.use_graphs:
+            return 0.0
+        with self._cv:
+            assert not self._waiting and all(s is None for s in self._slots), "warmup() before serving"
+            for b in batch_sizes or self.capture_sizes:
+                for lb in buckets or self.buckets:
+                    for smp in sampling:
+                        self._graph(self._pad_batch(b), lb, smp)
+                        if not self.use_graphs:
+                            return time.perf_counter() - t0
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ setup helpers
+
+    def _try_compile(self) -> None:
+        try:
+            opts = dict(dynamic=True, fullgraph=True)
+            rms, rope, silu = (torch.compile(f, **opts) for f in (_rms_norm, _rope, _silu_mul))
+            x = torch.randn(3, self.hidden, device=self.device, dtype=self.dtype)
+            rms(x, self.w.norm, self.eps)
+            qk = torch.randn(3, self.n_heads + self.n_kv, self.head_dim, device=self.device, dtype=self.dtype)
+            rope(qk, self.cos[:3, None], self.sin[:3, None])
+            silu(torch.randn(3, self.w.layers[0][4].shape[0], device=self.device, dtype=self.dtype))
+            self._rms, self._rope, self._silu_mul = rms, rope, silu
+            self.info["compiled_helpers"] = True
+        except Exception as exc:  # compile is an optimisation only
+            log.warning("engine: torch.compile of the fused helpers failed, running them eagerly: %r", exc)
+            self.info["compile_error"] = repr(exc)[:500]
+
+    def _pad_batch(self, n: int) -> int:
+        if not self.use_graphs:
+            return n
+        return next(s for s in self.capture_sizes if s >= n)
+
+    def _bucket(self, need: int) -> int:
+        need = min(need, self.max_len)
+        if not self.use_graphs:
+            return need
+        return next(b for b in self.buckets if b >= need)
+
+    # ------------------------------------------------------------ model forward
+
+    def _layer_mlp(self, x, w_post, w_gu, w_down):
+        h = self._rms(x, w_post, self.eps)
+        return torch.addmm(x, self._silu_mul(F.linear(h, w_gu)), w_down.t())
+
+    @torch.inference_mode()
+    def _prefill_forward(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """ids [n, T] right-padded; writes K/V rows; returns fp32 logits of each last real token [n, V]."""
+        n, T = ids.shape
+        H, Hk, D = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self.w.embed).view(n * T, self.hidden)
+        cos, sin = self.cos[:T].view(1, T, 1, D), self.sin[:T].view(1, T, 1, D)
+        for li, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.w.layers):
+            h = self._rms(x, w_in, self.eps)
+            qkv = F.linear(h, w_qkv).view(n, T, H + 2 * Hk, D)
+            qk = self._rope(qkv[:, :, : H + Hk], cos, sin)
+            q = qk[:, :, :H].transpose(1, 2)
+            k = qk[:, :, H:].transpose(1, 2)
+            v = qkv[:, :, H + Hk:].transpose(1, 2)
+            self.k_cache[li][rows, :, :T] = k
+            self.v_cache[li][rows, :, :T] = v
+            g = H // Hk
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
+                                               is_causal=True)
+            x = torch.addmm(x, o.transpose(1, 2).reshape(n * T, H * D), w_o.t())
+            x = self._layer_mlp(x, w_post, w_gu, w_down)
+        last = x.view(n, T, self.hidden)[torch.arange(n, device=ids.device), lengths - 1]
+        return F.linear(self._rms(last, self.w.norm, self.eps), self.w.lm_head).float()
+
+    def _step_core(self, b: int, lb: int, sampling: bool) -> torch.Tensor:
+        """One decode step for rows [0, b) attending over cache positions [0, lb). Writes K/V at pos."""
+        H, Hk, D = self.n_heads, self.n_kv, self.head_dim
+        tok, pos, rows = self.tok_buf[:b], self.pos_buf[:b], self.rows[:b]
+        x = F.embedding(tok, self.w.embed)
+        cos, sin = self.cos[pos].view(b, 1, D), self.sin[pos].view(b, 1, D)
+        mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
+        ridx, hidx, pidx = rows.view(b, 1), self.heads.view(1, Hk), pos.view(b, 1)
+        for li, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.w.layers):
+            h = self._rms(x, w_in, self.eps)
+            qkv = F.linear(h, w_qkv).view(b, H + 2 * Hk, D)
+            qk = self._rope(qkv[:, : H + Hk], cos, sin)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc.index_put_((ridx, hidx, pidx), qk[:, H:])
+            vc.index_put_((ridx, hidx, pidx), qkv[:, H + Hk:])
+            # GQA without copies: the G query heads of one KV head are SDPA's "query length".
+            q = qk[:, :H].reshape(b, Hk, H // Hk, D)
+            o = F.scaled_dot_product_attention(q, kc[:b, :, :lb], vc[:b, :, :lb], attn_mask=mask)
+            x = torch.addmm(x, o.reshape(b, H * D), w_o.t())
+            x = self._layer_mlp(x, w_post, w_gu, w_down)
+        logits = F.linear(self._rms(x, self.w.norm, self.eps), self.w.lm_head).float()
+        return _pick(logits, self.temp_buf[:b], self.top_p_buf[:b], self.seed_buf[:b], pos + 1, sampling)
+
+    def _step(self, b: int, lb: int, sampling: bool) -> None:
+        nxt = self._step_core(b, lb, sampling)
+        self.tok_buf[:b].copy_(nxt)
+        self.pos_buf[:b].add_(1).clamp_(max=self.max_len - 1)
+
+    def _graph(self, b: int, lb: int, sampling: bool):
+        key = (b, lb, sampling)
+        g = self._graphs.get(key)
+        if g is not None or not self.use_graphs:
+            return g
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # idempotent: rewrites the same K/V at the same positions
+                    self._step_core(b, lb, sampling)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                self._step(b, lb, sampling)
+            self._graphs[key] = g
+            return g
+        except Exception as exc:
+            log.warning("engine: CUDA graph capture failed for %s, decoding eagerly from now on: %r", key, exc)
+            self.info["graph_error"] = repr(exc)[:500]
+            self.info["cuda_graphs"] = False
+            self.use_graphs = False
+            self._graphs.clear()
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception as sync_exc:  # a sticky CUDA error: the engine thread will fail its requests
+                self.info["graph_error"] += f"; then synchronize failed: {sync_exc!r}"[:300]
+                raise
+            return None
+
+    # ------------------------------------------------------------ the scheduler thread
+
+    def _ensure_thread(self) -> None:
+        # Under self._cv. The thread clears self._thread (under the lock) when it exits.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+            self._thread.start()
+
+    def _cancel(self, req: _Request) -> None:
+        with self._cv:
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self._finish(req, "cancelled")
+
+    def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                with torch.cuda.stream(self._stream), torch.inference_mode():
+                    self._loop()
+            else:
+                with torch.inference_mode():
+                    self._loop()
+        except BaseException as exc:  # fail every request rather than leave callers hanging
+            log.exception("generation engine failed")
+            with self._cv:
+                self._error = exc
+                self._thread = None
+                pending = [r for r in self._slots if r is not None] + list(self._waiting)
+                self._waiting.clear()
+                self._slots = [None] * self.max_batch
+            for r in pending:
+                if not r.future.done():
+                    r.future.set_exception(exc)
+
+    def _loop(self) -> None:
+        inflight = None
+        while True:
+            with self._cv:
+                while not self._closing and inflight is None and not self._waiting and not any(self._slots):
+                    if not self._cv.wait(timeout=self.idle_exit_s):
+                        self._thread = None  # idle: let the thread go (a new one starts on submit)
+                        return
+                if self._closing:
+                    pending = [r for r in self._slots if r is not None] + list(self._waiting)
+                    self._waiting.clear()
+                    for r in pending:
+                        self._finish(r, "cancelled")
+                    self._thread = None
+                    return
+                admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+            launched = self._launch() if any(self._slots) else None
+            if inflight is not None:
+                self._process(*inflight)
+            inflight = launched
+            self._compact()
+
+    def _admit(self) -> list[_Request]:
+        """Pop waiting requests into free slots (under the lock), within the prefill token budget."""
+        out, longest = [], 0
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        while self._waiting and free:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                continue
+            longest = max(longest, len(req.prompt))
+            if out and longest * (len(out) + 1) > self.prefill_tokens:  # right-padded tokens of one prefill
+                break
+            self._waiting.popleft()
+            req.slot = free.pop(0)
+            self._slots[req.slot] = req
+            out.append(req)
+        return out
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        dev = self.device
+        T = max(len(r.prompt) for r in reqs)
+        pin = dev.type == "cuda"
+
+        def h2d(data, dtype):
+            t = torch.tensor(data, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+
+        ids = h2d([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], torch.long)
+        lengths = h2d([len(r.prompt) for r in reqs], torch.long)
+        rows = h2d([r.slot for r in reqs], torch.long)
+        temp = h2d([float(r.params.temperature) for r in reqs], torch.float32)
+        top_p = h2d([float(r.params.top_p) for r in reqs], torch.float32)
+        seed = h2d([r.seed for r in reqs], torch.long)
+        logits = self._prefill_forward(ids, lengths, rows)
+        first = _pick(logits, temp, top_p, seed, lengths, sampling=any(r.params.temperature > 0 for r in reqs))
+        self.tok_buf[rows] = first
+        self.pos_buf[rows] = lengths
+        self.temp_buf[rows] = temp
+        self.top_p_buf[rows] = top_p
+        self.seed_buf[rows] = seed
+        for r in reqs:
+            r.pos = len(r.prompt)
+            r.fresh = True
+            r.planned = 1
+        self.stats["prefills"] += 1
+
+    def _launch(self):
+        """Queue `chunk` decode steps for the busy rows; return what _process needs to read them back."""
+        busy = [(i, r) for i, r in enumerate(self._slots)
+                if r is not None and (r.planned < r.params.max_new_tokens or r.fresh)]
+        if not busy:
+            return None
+        n = busy[-1][0] + 1
+        b = self._pad_batch(n)
+        k = self.chunk
+        lb = self._bucket(max(r.pos for _, r in busy) + k + 1)
+        sampling = any(r.params.temperature > 0 for _, r in busy)
+        fresh = {i for i, r in busy if r.fresh}
+        for _, r in busy:
+            r.fresh = False
+            r.pos += k
+            r.planned += k
+        self.hist[0, :b].copy_(self.tok_buf[:b])
+        g = self._graph(b, lb, sampling)
+        for j in range(1, k + 1):
+            if g is not None:
+                g.replay()
+            else:
+                self._step(b, lb, sampling)
+            self.hist[j, :b].copy_(self.tok_buf[:b])
+        host = self.hist_host[self._host_i]
+        self._host_i ^= 1
+        host[:, :b].copy_(self.hist[:, :b], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.stats["steps"] += k
+        self.stats["chunks"] += 1
+        return busy, fresh, host, event
+
+    def _process(self, busy, fresh, host, event) -> None:
+        if event is not None:
+            event.synchronize()
+        now = time.perf_counter()
+        cols = host.T.tolist()  # [slot][k+1]
+        for slot, req in busy:
+            if req.done:
+                continue
+            new = cols[slot] if slot in fresh else cols[slot][1:]
+            if req.first_token_t is None and new:
+                req.first_token_t = now
+            reason = None
+            if req.cancelled:
+                reason = "cancelled"
+            else:
+                for t in new:
+                    req.tokens.append(t)
+                    if t in self.eos and not req.params.ignore_eos:
+                        reason = "stop"
+                        break
+                    if len(req.tokens) >= req.params.max_new_tokens:
+                        reason = "length"
+                        break
+            if reason is None and req.params.stop and self._stop_hit(req):
+                reason = "stop"
+            if reason is not None:
+                with self._cv:
+                    self._finish(req, reason)
+            elif req.on_text is not None and now - req.last_emit >= self.stream_interval_s:
+                req.last_emit = now
+                self._emit(req, final=False)
+
+    # -------------------------------------------------------------- text, stop strings, finishing
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _stop_hit(self, req: _Request) -> bool:
+        text = self._decode(req.tokens)
+        return any(s in text for s in req.params.stop)
+
+    def _text(self, req: _Request) -> str:
+        text = self._decode(req.tokens)
+        cuts = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+    def _emit(self, req: _Request, final: bool) -> None:
+        text = self._text(req)
+        if not final and req.params.stop:  # hold back what could be the start of a stop string
+            hold = max(len(s) for s in req.params.stop) - 1
+            text = text[: max(len(text) - hold, 0)]
+        if text != req.emitted or final:
+            req.emitted = text
+            try:
+                req.on_text(text, len(req.tokens))
+            except Exception:  # a broken callback must not stop the engine
+                log.exception("engine: on_text callback failed")
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        """Under self._cv: release the slot and resolve the future."""
+        if req.done:
+            return
+        req.done = True
+        if 0 <= req.slot < len(self._slots) and self._slots[req.slot] is req:
+            self._slots[req.slot] = None
+        now = time.perf_counter()
+        text = self._text(req) if self.tokenizer is not None else ""
+        if req.on_text is not None and self.tokenizer is not None:
+            req.emitted = text
+            try:
+                req.on_text(text, len(req.tokens))
+            except Exception:
+                log.exception("engine: on_text callback failed")
+        self.stats["finished"] += 1
+        req.future.set_result(EngineResult(
+            token_ids=list(req.tokens), text=text, finish_reason=reason, prompt_tokens=len(req.prompt),
+            completion_tokens=len(req.tokens), latency_ms=round((now - req.submitted) * 1000, 2),
+            ttft_ms=round(((req.first_token_t or now) - req.submitted) * 1000, 2),
+        ))
+
+    def _compact(self) -> None:
+        """Move the highest busy rows into lower free rows, so the padded batch stays small."""
+        with self._cv:
+            while True:
+                busy = [i for i, r in enumerate(self._slots) if r is not None]
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                if not busy or not free or free[0] > busy[-1]:
+                    return
+                src, dst = busy[-1], free[0]
+                req = self._slots[src]
+                for buf in (self.tok_buf, self.pos_buf, self.temp_buf, self.top_p_buf, self.seed_buf):
+                    buf[dst] = buf[src]
+                hi = min(req.pos + 1, self.max_len)
+                self.k_cache[:, dst, :, :hi] = self.k_cache[:, src, :, :hi]
+                self.v_cache[:, dst, :, :hi] = self.v_cache[:, src, :, :hi]
+                self._slots[dst], self._slots[src] = req, None
+                req.slot = dst
