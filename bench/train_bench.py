@@ -1,6 +1,6 @@
 """SFT and DPO throughput side by side, in one process on one CUDA card (issue 4).
 
-    python -m bench.train_bench --out OUT_DIR [--seconds 25] [--budget-s 450] [--profile]
+    python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--profile] [--with-compile]
     python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
 
 Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
@@ -9,8 +9,12 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   a  the reference recipe as docs/ai states it: plain TRL defaults, batch 2 x accumulation 4, length 512,
      gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
-  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, fast defaults.
-  c-lowmem (SFT)  c in the memory-saving mode: gradient_checkpointing=true, activation_offloading=true.
+  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, fast defaults
+     (fused AdamW, token-budget optimizer steps of ~24k real tokens included).
+  c-prev (SFT)  c without the two step-level levers: fused_optimizer=false, tokens_per_step=0 (the first c).
+  c-lowmem (SFT)  c in the memory-saving mode: gradient_checkpointing=true, activation_offloading=true
+     (which keeps the paged optimizer).
+  c-compile (SFT, only with --with-compile)  c with torch_compile=true.
 Each run is time-bounded: it stops after --seconds of training (the schedule is the nominal run's,
 so the learning rate is what the full run would use at those steps). Reported: real (non-pad) tokens/s
 over the steps after the first two, peak GPU memory (torch allocator; paged optimizer states live in
@@ -323,8 +327,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny-demo, small shapes: checks the bench works")
-    ap.add_argument("--seconds", type=float, default=None, help="training seconds per run (default 25; smoke 4)")
-    ap.add_argument("--budget-s", type=float, default=450, help="skip remaining runs once this much wall time is spent")
+    ap.add_argument("--seconds", type=float, default=None, help="training seconds per run (default 15; smoke 4)")
+    ap.add_argument("--budget-s", type=float, default=330, help="skip remaining runs once this much wall time is spent")
+    ap.add_argument("--with-compile", action="store_true", help="also run c with torch_compile=true (SFT)")
     ap.add_argument("--only", choices=["sft", "dpo"], default=None)
     ap.add_argument("--profile", action="store_true", help="also profile a few steps of the project's SFT stage")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
@@ -358,7 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sft_len, dpo_len, short_len = 256, 256, 128
         sft_words, dpo_words = (30, 150), (10, 60)
     else:
-        cfg.seconds = cfg.seconds or 25
+        cfg.seconds = cfg.seconds or 15
         cfg.base = str(build_tinyllama_shaped(cfg.work / "tinyllama-shaped"))
         cfg.dtype = "auto"
         n_sft, n_dpo = 2400, 1200
@@ -379,6 +384,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     learning_rate=2e-4, num_train_epochs=1)
     fast_dpo = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=dpo_len,
                     learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+    if cfg.smoke:
+        # tokens_per_step 'auto' is off on a CPU: name a budget so the smoke run goes through token-budget steps.
+        fast_sft["tokens_per_step"] = fast_dpo["tokens_per_step"] = 4096
     # Liger patches transformers' Llama classes for the whole process: every plain-HF baseline runs
     # before the first run that may apply it.
     sft_on, dpo_on = cfg.only in (None, "sft"), cfg.only in (None, "dpo")
@@ -400,10 +408,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
                      lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
     if sft_on:
+        prev = dict(fast_sft, fused_optimizer=False, tokens_per_step=0)
+        plan.append(("sft", "c-prev", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_prev", prev), None))
         lowmem = dict(fast_sft, gradient_checkpointing=True, activation_offloading=True)
         plan.append(("sft", "c-lowmem", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem", lowmem),
                      lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem2",
                                        dict(lowmem, activation_offloading=False))))
+    if sft_on and cfg.with_compile:
+        plan.append(("sft", "c-compile", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_compile",
+                                                          dict(fast_sft, torch_compile=True)), None))
     for stage, name, fn, fallback in plan:
         if not left():
             results[stage]["runs"][name] = {"skipped": "over --budget-s"}
@@ -420,7 +433,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 v["loss_at_T"] = loss_at(v["curve"], common)
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
-        for num in ("c", "c-lowmem"):
+        for num in ("c", "c-prev", "c-lowmem", "c-compile"):
             for den in ("a", "b"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)

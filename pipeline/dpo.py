@@ -74,7 +74,8 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     dtype = modeling.compute_dtype(spec.quant.compute_dtype)
     original_base = modeling.resolve_model(spec.base_model)
     tokenizer = modeling.load_tokenizer(original_base)
-    lengths = training.warn_long_rows(log, data, "dpo", tokenizer, spec.training.max_length)
+    row_lengths: list[int] = []
+    lengths = training.warn_long_rows(log, data, "dpo", tokenizer, spec.training.max_length, keep=row_lengths)
     pairs = to_text_pairs(data.rows, tokenizer, spec.training.max_length)
     train_rows, eval_rows = training.split_eval(pairs, spec.training.eval_fraction, spec.training.seed)
 
@@ -85,7 +86,8 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         policy_base = original_base
         stack_base, stack_quant, stack_parents = spec.base_model, spec.quant, []
     model = modeling.load_base(policy_base, spec.quant, dtype)
-    levers = fast.resolve(spec.training, "dpo", model.config, dtype, rows=len(train_rows))
+    levers = fast.resolve(spec.training, "dpo", model.config, dtype, rows=len(train_rows),
+                          mean_tokens=training.mean_row_tokens(row_lengths, spec.training.max_length))
 
     summary: dict = {}
     set_seed(spec.training.seed)
@@ -108,7 +110,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         peft_config=training.lora_config(spec.lora),
         callbacks=[make_callback(log, summary)],
     )
-    modeling.cast_trainable(trainer.model, dtype)
+    modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
     # Right-padded batches need no attention mask under causal attention (TRL's DPO padding-free is disabled).

@@ -22,6 +22,12 @@ Layout and flow (one background thread owns the GPU work):
   (batch size, context bucket, greedy|sampling) is captured once in a CUDA graph and replayed; the
   running batch is padded up to the next captured size (1, 2, 4, 8, then steps of 8); attention reads
   only the first `bucket` positions of the cache (256, 512, 1024, ...).
+- Kernels per step (compile_mode, a fallback chain recorded in `info`): "layer" compiles each decode
+  layer whole with inductor (fullgraph; residual add fused into the next RMSNorm, RoPE with the K/V
+  write, attention as fp32 multiply-and-sum reductions, SiLU*mul) and the head, and captures those in
+  the graphs above; at batch 1 a second variant with the projections as Triton reductions (GEMV) is
+  timed against cuBLAS and the faster kept (`info["batch1_gemv"]`). If compiling or capturing fails:
+  "helpers" (compiled RMSNorm/RoPE/SiLU*mul, SDPA attention), then "none" (eager).
 - The host never waits per token: `chunk` steps are launched back to back, their tokens copied to
   pinned memory once, and read while the next chunk already runs. A request that hit EOS or a stop
   string keeps its row for at most two more chunks; the extra tokens are dropped.
@@ -191,6 +197,70 @@ def _pick(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor, seed: t
     return torch.where(temp > 0, sampled, greedy)
 
 
+# ---------------------------------------------------------------- one decode layer / the head
+
+
+def _attend(q, k, v, mask, attn: str):
+    """Decode attention. q [b, Hk, G, D] (the G query heads of one KV head), k/v [b, Hk, lb, D], mask [b, 1, 1, lb].
+
+    "sdpa": PyTorch's SDPA (eager paths). "reduce": scores and output as fp32 multiply-and-sum reductions,
+    which inductor turns into a few well-parallelised kernels (SDPA's kernels run ~b*Hk blocks at batch 1).
+    """
+    if attn == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scale = q.shape[-1] ** -0.5
+    s = (q.float().unsqueeze(3) * k.float().unsqueeze(2)).sum(-1) * scale  # [b, Hk, G, lb]
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(q.dtype)  # [b, Hk, G, D]
+
+
+def _gemv(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h @ w.T written as a multiply-and-sum (fp32 accumulation): compiled, inductor emits one Triton reduction
+    per weight that also absorbs the producer of h (RMSNorm scaling, SiLU*mul). Only for compiled batch 1:
+    eagerly it would materialise [b, N, K]."""
+    return (h.float().unsqueeze(-2) * w.float()).sum(-1).to(h.dtype)
+
+
+def _make_layer(H: int, Hk: int, D: int, eps: float, attn: str, rms=None, rope=None, silu_mul=None,
+                gemv: bool = False):
+    """One decode layer as a plain function (torch.compile-able, fullgraph).
+
+    Takes the residual stream as (x, d) and returns (x', d'), the pending residual add being done at the
+    start of the next layer (or the head), so inductor fuses add + RMSNorm into one kernel.
+    gemv: the four projections as multiply-and-sum reductions instead of cuBLAS GEMMs (batch 1, compiled).
+    """
+    rms, rope, silu_mul = rms or _rms_norm, rope or _rope, silu_mul or _silu_mul
+    lin = _gemv if gemv else F.linear
+    G = H // Hk
+
+    def layer(x, d, cos, sin, mask, rows, heads, pos, kc, vc, w_in, w_qkv, w_o, w_post, w_gu, w_down):
+        b, lb = x.shape[0], mask.shape[-1]
+        x = x + d
+        qkv = lin(rms(x, w_in, eps), w_qkv).view(b, H + 2 * Hk, D)
+        qk = rope(qkv[:, : H + Hk], cos, sin)
+        idx = (rows.view(b, 1), heads.view(1, Hk), pos.view(b, 1))
+        kc.index_put_(idx, qk[:, H:])
+        vc.index_put_(idx, qkv[:, H + Hk:])
+        q = qk[:, :H].reshape(b, Hk, G, D)
+        o = _attend(q, kc[:b, :, :lb], vc[:b, :, :lb], mask, attn)
+        x = x + lin(o.reshape(b, H * D), w_o)
+        return x, lin(silu_mul(lin(rms(x, w_post, eps), w_gu)), w_down)
+
+    return layer
+
+
+def _make_head(eps: float, rms=None, gemv: bool = False):
+    rms = rms or _rms_norm
+    lin = _gemv if gemv else F.linear
+
+    def head(x, d, w_norm, w_lm, temp, top_p, seed, pos, sampling: bool):
+        logits = lin(rms(x + d, w_norm, eps), w_lm).float()
+        return _pick(logits, temp, top_p, seed, pos + 1, sampling)
+
+    return head
+
+
 # ---------------------------------------------------------------- weights
 
 
@@ -308,6 +378,9 @@ class Engine:
         chunk: Optional[int] = None,
         use_cuda_graphs: Optional[bool] = None,
         compile_helpers: Optional[bool] = None,
+        compile_mode: Optional[str] = None,
+        attention: Optional[str] = None,
+        batch1_gemv: Optional[bool] = None,
         eos_token_ids: Optional[Sequence[int]] = None,
         prefill_tokens: int = 8192,
         stream_interval_s: float = 0.25,
@@ -336,7 +409,9 @@ class Engine:
         self.eos = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
         self.use_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
         self.info: dict = {"cuda_graphs": self.use_graphs, "compiled_helpers": False, "graph_error": None,
-                           "compile_error": None, "lora_merged_privately": hasattr(model, "get_base_model")}
+                           "compile_error": None, "lora_merged_privately": hasattr(model, "get_base_model"),
+                           "compile_mode": "none", "attention": None, "layer_compile_error": None,
+                           "compile_s": 0.0, "batch1_gemv": None}
 
         S, L, M, D = self.max_batch, self.n_layers, self.max_len, self.head_dim
         dev = self.device
@@ -366,11 +441,46 @@ class Engine:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(dev) if on_cuda else None
 
+        with torch.inference_mode():  # an inference tensor, as the layer outputs that take its place: same guards
+            self._zeros = torch.zeros(S, self.hidden, dtype=self.dtype, device=dev)  # the first layer's pending add
+
+        # Decode-step compilation, a fallback chain (what ran is in self.info["compile_mode"]):
+        #   "layer":   each decode layer (add+RMSNorm, QKV, RoPE + K/V write, attention, O, add+RMSNorm, SwiGLU)
+        #              and the head compiled whole by inductor (fullgraph), then captured in our CUDA graphs;
+        #   "helpers": eager layers calling compiled RMSNorm/RoPE/SiLU*mul (+ SDPA attention);
+        #   "none":    all eager (CPU, tests).
+        # compile_mode=None reads TINYLLAMA_MCP_ENGINE_COMPILE (layer|helpers|none; 1 = layer, 0 = none).
+        if compile_mode is None:
+            if compile_helpers is False or not on_cuda:
+                compile_mode = "none"
+            elif compile_helpers is True:
+                compile_mode = "helpers"
+            else:
+                env = os.environ.get("TINYLLAMA_MCP_ENGINE_COMPILE", "layer").strip().lower()
+                compile_mode = {"1": "layer", "0": "none", "": "layer", "false": "none"}.get(env, env)
+        if compile_mode not in ("layer", "helpers", "none"):
+            raise ValueError(f"compile_mode must be layer, helpers or none, not {compile_mode!r}")
+        self._attn_pref = attention or os.environ.get("TINYLLAMA_MCP_ENGINE_ATTENTION") or None
+        # batch1_gemv: None = where CUDA graphs run, unless TINYLLAMA_MCP_ENGINE_GEMV=0; True forces the compile
+        # (tests; without graphs nothing picks it, so set _b1_choice yourself)
+        if batch1_gemv is None:
+            batch1_gemv = os.environ.get("TINYLLAMA_MCP_ENGINE_GEMV", "1") != "0" and self.use_graphs
+        self._b1_fns = None  # compiled (layer, head) with GEMV-as-reduction projections, for batch 1
+        self._b1_choice: Optional[str] = None  # "gemv" or "mm", decided by timing the first batch-1 graph
         self._rms, self._rope, self._silu_mul = _rms_norm, _rope, _silu_mul
-        if compile_helpers is None:
-            compile_helpers = on_cuda and os.environ.get("TINYLLAMA_MCP_ENGINE_COMPILE", "1") != "0"
-        if compile_helpers:
-            self._try_compile()
+        self._set_eager_step()
+        t0 = time.perf_counter()
+        if compile_mode in ("layer", "helpers"):
+            self._try_compile()  # prefill always uses the helpers; also the "helpers" decode path
+            if self.info["compiled_helpers"]:
+                self._set_eager_step()
+                self.info["compile_mode"] = "helpers"
+        if compile_mode == "layer":
+            self._try_compile_layer()
+            if self.info["compile_mode"] == "layer" and batch1_gemv:
+                self._try_compile_b1_gemv()
+            self._check = None  # the test tensors of the compile checks
+        self.info["compile_s"] = round(time.perf_counter() - t0, 2)
 
         # scheduling state
         self._cv = threading.Condition()
@@ -472,16 +582,116 @@ class Engine:
         try:
             opts = dict(dynamic=True, fullgraph=True)
             rms, rope, silu = (torch.compile(f, **opts) for f in (_rms_norm, _rope, _silu_mul))
-            x = torch.randn(3, self.hidden, device=self.device, dtype=self.dtype)
-            rms(x, self.w.norm, self.eps)
-            qk = torch.randn(3, self.n_heads + self.n_kv, self.head_dim, device=self.device, dtype=self.dtype)
-            rope(qk, self.cos[:3, None], self.sin[:3, None])
-            silu(torch.randn(3, self.w.layers[0][4].shape[0], device=self.device, dtype=self.dtype))
+            with torch.inference_mode():  # as prefill and decode call them (grad mode is guarded)
+                x = torch.randn(3, self.hidden, device=self.device, dtype=self.dtype)
+                rms(x, self.w.norm, self.eps)
+                qk = torch.randn(3, self.n_heads + self.n_kv, self.head_dim, device=self.device, dtype=self.dtype)
+                rope(qk, self.cos[:3, None], self.sin[:3, None])
+                silu(torch.randn(3, self.w.layers[0][4].shape[0], device=self.device, dtype=self.dtype))
             self._rms, self._rope, self._silu_mul = rms, rope, silu
             self.info["compiled_helpers"] = True
         except Exception as exc:  # compile is an optimisation only
             log.warning("engine: torch.compile of the fused helpers failed, running them eagerly: %r", exc)
             self.info["compile_error"] = repr(exc)[:500]
+
+    def _set_eager_step(self) -> None:
+        attn = self._attn_pref or "sdpa"
+        self._layer_fn = _make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, attn,
+                                     self._rms, self._rope, self._silu_mul)
+        self._head_fn = _make_head(self.eps, self._rms)
+        self.info["attention"] = attn
+
+    def _try_compile_layer(self) -> None:
+        """Compile the decode layer and head whole; check them against the eager functions on one layer."""
+        attn = self._attn_pref or "reduce"
+        try:
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            for name, val in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), val))
+            eager_layer = _make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, attn)
+            # dynamic=None: the first shapes (batch 1, first bucket) compile static; when the bucket, then the
+            # batch size change, it recompiles once each with those dims symbolic (batch 1 keeps its own code).
+            opts = {"coordinate_descent_tuning": True}  # as gpt-fast: tunes the reductions' block sizes
+            layer = torch.compile(eager_layer, fullgraph=True, dynamic=None, options=opts)
+            head = torch.compile(_make_head(self.eps), fullgraph=True, dynamic=None, options=opts)
+            dev, dt = self.device, self.dtype
+            b, lb = 1, self.buckets[0]
+            # Test inputs made as the decode step makes them (inference tensors or not), so that the code compiled
+            # here is the code decode reuses (a dispatch-key mismatch would recompile).
+            gen = torch.Generator(device=dev).manual_seed(0)
+            pos = torch.full((b,), 5, device=dev, dtype=torch.long)
+            with torch.inference_mode():
+                x = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen)
+                d = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen) * 0.1
+                cos, sin = self.cos[pos].view(b, 1, -1), self.sin[pos].view(b, 1, -1)
+                mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
+            # scratch caches: the real ones stay untouched
+            kc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
+            vc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
+            kc0, vc0 = kc.clone(), vc.clone()
+            kc2, vc2 = kc.clone(), vc.clone()
+            args = (cos, sin, self._bucket_dynamic(mask), self.rows[:b], self.heads, pos)
+            with torch.inference_mode():
+                ref = eager_layer(x, d, *args, kc, vc, *self.w.layers[0])
+                got = layer(x, d, *args, kc2, vc2, *self.w.layers[0])
+                self._check_close(ref + (kc, vc), got + (kc2, vc2), "compiled decode layer")
+                hp = dict(temp=self.temp_buf[:b], top_p=self.top_p_buf[:b], seed=self.seed_buf[:b], pos=pos)
+                t_ref = _make_head(self.eps)(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
+                t_got = head(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
+                if t_ref.shape != t_got.shape:
+                    raise RuntimeError("compiled head returned a wrong shape")
+            self._layer_fn, self._head_fn = layer, head
+            self.info["compile_mode"] = "layer"
+            self.info["attention"] = attn
+            self._check = (x, d, args, ref, hp, kc0, vc0)
+        except Exception as exc:
+            log.warning("engine: compiling the decode layer failed, falling back to %s: %r",
+                        self.info["compile_mode"], exc)
+            self.info["layer_compile_error"] = repr(exc)[:800]
+
+    @staticmethod
+    def _check_close(refs, gots, what: str) -> None:
+        for r, g_ in zip(refs, gots):
+            err = (r.float() - g_.float()).abs().max().item()
+            tol = 0.05 * max(r.float().abs().max().item(), 1e-3) + 1e-3
+            if not err <= tol:
+                raise RuntimeError(f"{what} differs from eager: max abs err {err:.3g} > {tol:.3g}")
+
+    @staticmethod
+    def _bucket_dynamic(mask: torch.Tensor) -> torch.Tensor:
+        """Hint that the cache bucket (mask's last dim) be compiled symbolic from the first call: one compile
+        fewer per variant. Soft: where dynamo specialises the dim anyway, it just recompiles later."""
+        try:
+            import torch._dynamo
+
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
+        except Exception:
+            pass
+        return mask
+
+    def _try_compile_b1_gemv(self) -> None:
+        """The batch-1 variant whose projections are Triton reductions; used if its graph times faster."""
+        try:
+            x, d, args, ref, hp, kc, vc = self._check
+            layer = torch.compile(_make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, self.info["attention"],
+                                              gemv=True), fullgraph=True, dynamic=None,
+                                  options={"coordinate_descent_tuning": True})
+            head = torch.compile(_make_head(self.eps, gemv=True), fullgraph=True, dynamic=None,
+                                 options={"coordinate_descent_tuning": True})
+            with torch.inference_mode():
+                got = layer(x, d, *args, kc, vc, *self.w.layers[0])
+                self._check_close(ref, got, "compiled batch-1 GEMV decode layer")
+                t_ref = self._head_fn(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
+                t_got = head(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
+                if t_ref.shape != t_got.shape:
+                    raise RuntimeError("compiled batch-1 GEMV head returned a wrong shape")
+            self._b1_fns = (layer, head)
+        except Exception as exc:
+            log.warning("engine: compiling the batch-1 GEMV decode layer failed (cuBLAS projections it is): %r", exc)
+            self.info["batch1_gemv"] = {"error": repr(exc)[:500]}
 
     def _pad_batch(self, n: int) -> int:
         if not self.use_graphs:
@@ -526,26 +736,22 @@ class Engine:
 
     def _step_core(self, b: int, lb: int, sampling: bool) -> torch.Tensor:
         """One decode step for rows [0, b) attending over cache positions [0, lb). Writes K/V at pos."""
-        H, Hk, D = self.n_heads, self.n_kv, self.head_dim
-        tok, pos, rows = self.tok_buf[:b], self.pos_buf[:b], self.rows[:b]
+        D = self.head_dim
+        tok, pos = self.tok_buf[:b], self.pos_buf[:b]
         x = F.embedding(tok, self.w.embed)
+        d = self._zeros[:b]
         cos, sin = self.cos[pos].view(b, 1, D), self.sin[pos].view(b, 1, D)
         mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
-        ridx, hidx, pidx = rows.view(b, 1), self.heads.view(1, Hk), pos.view(b, 1)
-        for li, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.w.layers):
-            h = self._rms(x, w_in, self.eps)
-            qkv = F.linear(h, w_qkv).view(b, H + 2 * Hk, D)
-            qk = self._rope(qkv[:, : H + Hk], cos, sin)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            kc.index_put_((ridx, hidx, pidx), qk[:, H:])
-            vc.index_put_((ridx, hidx, pidx), qkv[:, H + Hk:])
-            # GQA without copies: the G query heads of one KV head are SDPA's "query length".
-            q = qk[:, :H].reshape(b, Hk, H // Hk, D)
-            o = F.scaled_dot_product_attention(q, kc[:b, :, :lb], vc[:b, :, :lb], attn_mask=mask)
-            x = torch.addmm(x, o.reshape(b, H * D), w_o.t())
-            x = self._layer_mlp(x, w_post, w_gu, w_down)
-        logits = F.linear(self._rms(x, self.w.norm, self.eps), self.w.lm_head).float()
-        return _pick(logits, self.temp_buf[:b], self.top_p_buf[:b], self.seed_buf[:b], pos + 1, sampling)
+        if self.info["compile_mode"] == "layer":
+            self._bucket_dynamic(mask)
+        args = (cos, sin, mask, self.rows[:b], self.heads, pos)
+        layer, head = self._layer_fn, self._head_fn
+        if b == 1 and self._b1_choice == "gemv" and self._b1_fns is not None:
+            layer, head = self._b1_fns
+        for li, ws in enumerate(self.w.layers):
+            x, d = layer(x, d, *args, self.k_cache[li], self.v_cache[li], *ws)
+        return head(x, d, self.w.norm, self.w.lm_head, self.temp_buf[:b], self.top_p_buf[:b],
+                    self.seed_buf[:b], pos, sampling)
 
     def _step(self, b: int, lb: int, sampling: bool) -> None:
         nxt = self._step_core(b, lb, sampling)
@@ -558,18 +764,35 @@ class Engine:
         if g is not None or not self.use_graphs:
             return g
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # idempotent: rewrites the same K/V at the same positions
-                    self._step_core(b, lb, sampling)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
-                self._step(b, lb, sampling)
+            if b == 1 and self._b1_fns is not None and self._b1_choice is None:
+                g = self._choose_b1(lb, sampling)
+            else:
+                g = self._capture(b, lb, sampling)
             self._graphs[key] = g
             return g
         except Exception as exc:
+            if b == 1 and self._b1_choice == "gemv":
+                log.warning("engine: batch-1 GEMV graph failed for %s, using cuBLAS projections: %r", key, exc)
+                self._b1_choice, self._b1_fns = "mm", None
+                self.info["batch1_gemv"] = dict(self.info["batch1_gemv"] or {}, error=repr(exc)[:500], choice="mm")
+                torch.cuda.synchronize(self.device)
+                return self._graph(b, lb, sampling)
+            if self.info["compile_mode"] == "layer":
+                # the compiled layer could not be captured (or recompiled at capture): try the helpers path
+                log.warning("engine: CUDA graph capture with the compiled decode layer failed for %s, "
+                            "falling back to the helpers path: %r", key, exc)
+                self.info["layer_compile_error"] = ("capture: " + repr(exc))[:800]
+                self._graphs.clear()
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception as sync_exc:
+                    self.info["graph_error"] = f"synchronize after a failed capture: {sync_exc!r}"[:500]
+                    raise
+                self._set_eager_step()
+                self._b1_fns, self._b1_choice = None, None
+                self.info["compile_mode"] = "helpers" if self.info["compiled_helpers"] else "none"
+                self._pool = torch.cuda.graph_pool_handle()
+                return self._graph(b, lb, sampling)
             log.warning("engine: CUDA graph capture failed for %s, decoding eagerly from now on: %r", key, exc)
             self.info["graph_error"] = repr(exc)[:500]
             self.info["cuda_graphs"] = False
@@ -581,6 +804,56 @@ class Engine:
                 self.info["graph_error"] += f"; then synchronize failed: {sync_exc!r}"[:300]
                 raise
             return None
+
+    def _capture(self, b: int, lb: int, sampling: bool):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # idempotent: rewrites the same K/V at the same positions
+                self._step_core(b, lb, sampling)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(b, lb, sampling)
+        return g
+
+    def _time_graph(self, g, n: int = 30) -> float:
+        """ms per replay. Replays advance row 0's token/position: saved and restored. The K/V they write lie
+        past row 0's position, where decode overwrites them before attending to them."""
+        saved = self.tok_buf[:1].clone(), self.pos_buf[:1].clone()
+        g.replay()
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            g.replay()
+        torch.cuda.synchronize(self.device)
+        ms = (time.perf_counter() - t0) * 1000 / n
+        self.tok_buf[:1].copy_(saved[0])
+        self.pos_buf[:1].copy_(saved[1])
+        return ms
+
+    def _choose_b1(self, lb: int, sampling: bool):
+        """Capture batch 1 with cuBLAS projections and with GEMV reductions, time both, keep the faster."""
+        info: dict = {"bucket": lb}
+        self._b1_choice = "mm"
+        g_mm = self._capture(1, lb, sampling)
+        info["mm_step_ms"] = round(self._time_graph(g_mm), 4)
+        try:
+            self._b1_choice = "gemv"
+            g_gemv = self._capture(1, lb, sampling)
+            info["gemv_step_ms"] = round(self._time_graph(g_gemv), 4)
+        except Exception as exc:
+            log.warning("engine: batch-1 GEMV graph failed, using cuBLAS projections: %r", exc)
+            info["error"] = repr(exc)[:500]
+            torch.cuda.synchronize(self.device)
+            g_gemv = None
+        if g_gemv is not None and info["gemv_step_ms"] < info["mm_step_ms"]:
+            self._b1_choice, g = "gemv", g_gemv
+        else:
+            self._b1_choice, g, self._b1_fns = "mm", g_mm, None
+        info["choice"] = self._b1_choice
+        self.info["batch1_gemv"] = info
+        return g
 
     # ------------------------------------------------------------ the scheduler thread
 

@@ -12,6 +12,12 @@
 - `use_liger_kernel`: Liger's RMSNorm/RoPE/SwiGLU kernels (Triton, CUDA only: skipped on CPU with a note).
 - `activation_offloading`: TRL's offloading of saved activations to pinned CPU memory (CUDA only).
 - `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training.
+- `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
+  bitsandbytes AdamW on CUDA.
+- `torch_compile`: TrainingArguments.torch_compile (off by default).
+- `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real
+  tokens; max_steps and save_steps are divided by k (the same sequences are trained), the schedule keeps its
+  shape over the fewer steps.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ import torch
 ACT_HIDDEN_FACTOR, ACT_INTERMEDIATE_FACTOR = 16, 8
 PACK_ROW_TOKENS = 2048  # SFT packed rows hold at least this many tokens (attention cost grows with the row)
 FREE_MEMORY_SHARE = 0.85  # leave room for the allocator's fragmentation and the optimizer states
+AUTO_TOKENS_PER_STEP = 24576  # 'auto' on CUDA: ~4x the recipe's ~5.5k real tokens a step on chat data
+FUSABLE_OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch")  # fp32-state AdamW: the same math as adamw_torch_fused
+
+
+def fused_optimizer_ok() -> bool:
+    """Whether the fused AdamW lever applies here (CUDA); a function so CPU tests can force the path."""
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -38,13 +51,21 @@ class Levers:
     use_liger_kernel: bool = False
     activation_offloading: bool = False
     precompute_ref_log_probs: bool = False
+    torch_compile: bool = False
     batch_size: int = 1  # micro-batch the Trainer runs (accumulation fused in when it fits max_tokens_per_batch)
     accumulation: int = 1
+    optim: str = "adamw_torch"  # the optimizer the Trainer really runs
+    master_fp32: bool = False  # trainable (LoRA) weights kept in fp32 (torch AdamW keeps states in the params' dtype)
+    step_scale: int = 1  # k: sequences per optimizer step = the recipe's x k
+    tokens_per_step: int = 0  # resolved budget (0: off)
+    max_steps: int = -1  # the spec's max_steps / k (rounded up); -1: epochs
+    save_steps: int = 50  # the spec's save_steps / k (rounded up)
     notes: list[str] = field(default_factory=list)
 
     def config_kwargs(self) -> dict[str, Any]:
         """TrainingArguments fields of the levers (gradient checkpointing and the batch shape are set apart)."""
-        return dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading)
+        return dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading,
+                    torch_compile=self.torch_compile)
 
     def effective(self) -> dict[str, Any]:
         return {
@@ -55,6 +76,14 @@ class Levers:
             "use_liger_kernel": self.use_liger_kernel,
             "activation_offloading": self.activation_offloading,
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            "torch_compile": self.torch_compile,
+            "optim": self.optim,
+            "master_weights_fp32": self.master_fp32,
+            "tokens_per_step": self.tokens_per_step,
+            "sequences_per_step": self.batch_size * self.accumulation,
+            "step_scale": self.step_scale,
+            "max_steps": self.max_steps,
+            "save_steps": self.save_steps,
             "lever_notes": list(self.notes),
         }
 
@@ -85,21 +114,69 @@ def free_memory_bytes() -> Optional[int]:
     return free
 
 
-def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int) -> Levers:
-    """Resolve the lever fields of a TrainingSpec for this stage and machine (call after loading the model)."""
+def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
+            mean_tokens: Optional[float] = None) -> Levers:
+    """Resolve the lever fields of a TrainingSpec for this stage and machine (call after loading the model).
+
+    `mean_tokens`: mean real tokens of one training row (its longest rendered sequence, clipped to max_length);
+    sizes the token-budget optimizer step. None: the step stays the recipe's.
+    """
     lv = Levers(padding_free=t.padding_free, activation_offloading=t.activation_offloading,
-                batch_size=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps)
+                torch_compile=t.torch_compile, batch_size=t.per_device_train_batch_size,
+                accumulation=t.gradient_accumulation_steps,
+                max_steps=t.max_steps, save_steps=t.save_steps)
 
     # DPO runs chosen and rejected in one forward: twice the rows.
     per_sequence = t.max_length * (2 if stage == "dpo" else 1)
-    step_sequences = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    if t.max_tokens_per_batch and t.gradient_accumulation_steps > 1 and step_sequences * per_sequence <= t.max_tokens_per_batch:
-        # Same sequences per optimizer step (the sampler's order is the same), one forward instead of several:
-        # the Trainer normalizes an accumulated step by all its label tokens, so the gradient is the same.
-        lv.batch_size, lv.accumulation = step_sequences, 1
+    recipe_sequences = t.per_device_train_batch_size * t.gradient_accumulation_steps
+
+    # Token-budget optimizer steps: k x the recipe's sequences per step.
+    budget = t.tokens_per_step
+    if budget == "auto":
+        budget = AUTO_TOKENS_PER_STEP if torch.cuda.is_available() else 0
+    lv.tokens_per_step = int(budget)
+    if budget and mean_tokens:
+        per_row = min(float(mean_tokens), t.max_length) * (2 if stage == "dpo" else 1)
+        k = max(1, round(budget / (recipe_sequences * per_row)))
+        if rows:
+            k = min(k, max(1, rows // recipe_sequences))  # never more than the data's sequences in one step
+        lv.step_scale = k
+        if t.max_steps > 0:
+            lv.max_steps = -(-t.max_steps // k)
+        lv.save_steps = -(-t.save_steps // k)
         lv.notes.append(
-            f"micro-batches fused: {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} -> {step_sequences} x 1"
+            f"tokens_per_step {budget}: {recipe_sequences} x {k} = {recipe_sequences * k} sequences a step "
+            f"(~{recipe_sequences * k * per_row:.0f} real tokens); max_steps {t.max_steps} -> {lv.max_steps}, "
+            f"save_steps {t.save_steps} -> {lv.save_steps}"
         )
+    step_sequences = recipe_sequences * lv.step_scale
+
+    # Micro-batch shape: the largest micro-batch dividing the step's sequences whose padded size fits
+    # max_tokens_per_batch (else the recipe's micro-batch when it divides the step). The Trainer normalizes an
+    # accumulated step by all its label tokens, so the gradient is the same whatever the split.
+    if t.max_tokens_per_batch:
+        fits = [b for b in range(1, step_sequences + 1)
+                if step_sequences % b == 0 and b * per_sequence <= t.max_tokens_per_batch]
+        best = max(fits) if fits else 0
+        if best > t.per_device_train_batch_size:
+            lv.batch_size, lv.accumulation = best, step_sequences // best
+            lv.notes.append(
+                f"micro-batches fused: {t.per_device_train_batch_size} x {step_sequences // t.per_device_train_batch_size}"
+                f" -> {lv.batch_size} x {lv.accumulation}"
+            )
+    if lv.batch_size * lv.accumulation != step_sequences:
+        lv.batch_size = t.per_device_train_batch_size
+        lv.accumulation = step_sequences // lv.batch_size
+
+    # Optimizer: torch's fused AdamW on CUDA for the fp32-state AdamW optimizers.
+    lv.optim = t.optim if fused_optimizer_ok() else "adamw_torch"
+    if t.fused_optimizer and t.optim in FUSABLE_OPTIMIZERS:
+        if not fused_optimizer_ok():
+            lv.notes.append("fused_optimizer skipped: no CUDA device (adamw_torch)")
+        elif lv.activation_offloading:
+            lv.notes.append(f"fused_optimizer skipped: memory-saving mode keeps {t.optim} (states paged)")
+        else:
+            lv.optim, lv.master_fp32 = "adamw_torch_fused", True
     # Tokens in one micro-batch at most.
     tokens = lv.batch_size * per_sequence
     if t.gradient_checkpointing == "auto":

@@ -206,13 +206,14 @@ def is_adapter_dir(path: str | Path) -> bool:
     return Path(path, "adapter_config.json").is_file()
 
 
-def cast_trainable(model, dtype: torch.dtype) -> None:
+def cast_trainable(model, dtype: torch.dtype, master_fp32: bool = False) -> None:
     """Trainable (LoRA) weights in bf16 when computing in bf16, else fp32.
 
     fp16 training needs fp32 master weights: the gradient scaler refuses to unscale fp16 (or
-    bf16) gradients, and TRL casts QLoRA adapters to bf16 by default.
+    bf16) gradients, and TRL casts QLoRA adapters to bf16 by default. `master_fp32`: fp32 in every
+    dtype (the fused torch AdamW keeps its states in the weights' dtype; compute stays 16-bit under autocast).
     """
-    target = torch.bfloat16 if dtype is torch.bfloat16 else torch.float32
+    target = torch.bfloat16 if dtype is torch.bfloat16 and not master_fp32 else torch.float32
     for param in model.parameters():
         if param.requires_grad and param.dtype != target:
             param.data = param.data.to(target)

@@ -32,11 +32,13 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     dtype = modeling.compute_dtype(spec.quant.compute_dtype)
     base = modeling.resolve_model(spec.base_model)
     tokenizer = modeling.load_tokenizer(base)
-    lengths = training.warn_long_rows(log, data, "sft", tokenizer, spec.training.max_length)
+    row_lengths: list[int] = []
+    lengths = training.warn_long_rows(log, data, "sft", tokenizer, spec.training.max_length, keep=row_lengths)
     train_rows, eval_rows = training.split_eval(data.rows, spec.training.eval_fraction, spec.training.seed)
 
     model = modeling.load_base(base, spec.quant, dtype)
-    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows))
+    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows),
+                          mean_tokens=training.mean_row_tokens(row_lengths, spec.training.max_length))
     collator = None
     if levers.padding_free:
         collator = fast.PackedRowsCollator(
@@ -54,7 +56,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         peft_config=training.lora_config(spec.lora),
         callbacks=[make_callback(log, summary)],
     )
-    modeling.cast_trainable(trainer.model, dtype)
+    modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     training.run_trainer(
         trainer, job_dir, log,

@@ -99,9 +99,31 @@ class TrainingSpec(_Spec):
     )
     max_tokens_per_batch: int = Field(
         16384, ge=0, le=10_000_000,
-        description="Run the gradient-accumulation micro-batches of one optimizer step as one forward when "
-        "per_device_train_batch_size x gradient_accumulation_steps x max_length (x2 for DPO) fits this "
-        "budget: the same sequences per step, the same gradient, fewer and larger kernels. 0: off.",
+        description="Fuse the gradient-accumulation micro-batches of one optimizer step into the largest "
+        "micro-batch (dividing the step's sequences) whose sequences x max_length (x2 for DPO) fit this budget; "
+        "all in one forward when the whole step fits: the same sequences per step, the same gradient, fewer "
+        "and larger kernels. 0: off.",
+    )
+    fused_optimizer: bool = Field(
+        True,
+        description="CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
+        "states and fp32 LoRA master weights (compute stays bf16/fp16 under autocast): the same AdamW math in a "
+        "few kernels instead of one paged bitsandbytes launch per tensor. Kept off in the memory-saving mode "
+        "(activation_offloading=true), whose optimizer states stay paged. 8-bit optimizers are left as they are. "
+        "On a CPU the optimizer is adamw_torch either way.",
+    )
+    tokens_per_step: Union[int, Literal["auto"]] = Field(
+        "auto",
+        description="Real (non-pad) tokens one optimizer step should hold: the recipe's sequences per step "
+        "(batch x accumulation) are multiplied by k = round(tokens_per_step / (sequences x mean tokens)), "
+        "max_steps and save_steps are divided by k (same sequences trained), cosine over the fewer steps, "
+        "same warmup fraction, same peak learning rate. 'auto': 24576 on CUDA, 0 on a CPU. 0: off.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the model (TrainingArguments.torch_compile). Off by default: the first steps pay "
+        "the compile (and a recompile when packed widths change), which short runs do not win back; not yet "
+        "measured with NF4 + Liger on a GPU.",
     )
     use_liger_kernel: bool = Field(
         True, description="Liger's fused RMSNorm, RoPE and SwiGLU kernels (CUDA only; skipped with a note on CPU)."
@@ -117,6 +139,13 @@ class TrainingSpec(_Spec):
         "every step. 'auto': only when the run uses every row at least twice (else it would pay for rows never seen).",
     )
     seed: int = Field(42, ge=0, le=2**32 - 1)
+
+    @field_validator("tokens_per_step")
+    @classmethod
+    def _tokens_per_step_range(cls, value):
+        if value != "auto" and not 0 <= value <= 10_000_000:
+            raise ValueError("tokens_per_step must be 'auto' or an integer from 0 (off) to 10,000,000")
+        return value
     logging_steps: int = Field(1, ge=1, le=100_000)
     save_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every this many optimizer steps.")
     save_total_limit: int = Field(2, ge=1, le=100, description="Keep this many newest checkpoints.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -30,8 +30,13 @@ def lora_config(lora: LoraSpec):
     )
 
 
-def effective_optim(optim: str) -> str:
-    """Paged and 8-bit optimizers live in bitsandbytes' CUDA code; on a CPU use torch's AdamW."""
+def effective_optim(optim: str, levers=None) -> str:
+    """Paged and 8-bit optimizers live in bitsandbytes' CUDA code; on a CPU use torch's AdamW.
+
+    With resolved levers, their optimizer (the fused_optimizer lever may have chosen adamw_torch_fused).
+    """
+    if levers is not None:
+        return levers.optim
     if torch.cuda.is_available():
         return optim
     return "adamw_torch"
@@ -56,8 +61,8 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, levers
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        optim=effective_optim(t.optim),
+        max_steps=t.max_steps if levers is None else levers.max_steps,
+        optim=effective_optim(t.optim, levers),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=checkpointing,
@@ -67,7 +72,7 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, levers
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=t.save_steps if levers is None else levers.save_steps,
         save_total_limit=t.save_total_limit,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
@@ -78,12 +83,22 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, levers
     )
 
 
-def total_steps(rows: int, t: TrainingSpec) -> int:
-    """The optimizer steps the Trainer will run (same arithmetic as its own)."""
-    if t.max_steps > 0:
-        return t.max_steps
-    per_epoch = max(math.ceil(math.ceil(rows / t.per_device_train_batch_size) / t.gradient_accumulation_steps), 1)
+def total_steps(rows: int, t: TrainingSpec, levers=None) -> int:
+    """The optimizer steps the Trainer will run (same arithmetic as its own), after the levers' step shape."""
+    batch, accumulation, max_steps = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_steps
+    if levers is not None:
+        batch, accumulation, max_steps = levers.batch_size, levers.accumulation, levers.max_steps
+    if max_steps > 0:
+        return max_steps
+    per_epoch = max(math.ceil(math.ceil(rows / batch) / accumulation), 1)
     return math.ceil(t.num_train_epochs * per_epoch)
+
+
+def mean_row_tokens(lengths: list[int], max_length: int) -> Optional[float]:
+    """Mean tokens of a row after truncation to max_length (sizes token-budget optimizer steps)."""
+    if not lengths:
+        return None
+    return sum(min(n, max_length) for n in lengths) / len(lengths)
 
 
 def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -98,11 +113,19 @@ def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def warn_long_rows(log: EventLog, data: LoadedData, kind: str, tokenizer, max_length: int) -> dict:
+def warn_long_rows(log: EventLog, data: LoadedData, kind: str, tokenizer, max_length: int,
+                   keep: Optional[list] = None) -> dict:
+    """Length stats of the rows, with a warning event when some exceed max_length.
+
+    `keep`: a list that receives the per-row token lengths (the stages size token-budget steps with them).
+    """
     def encode(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    stats = length_stats(token_lengths(data.rows, kind, encode), max_length)
+    lengths = token_lengths(data.rows, kind, encode)
+    if keep is not None:
+        keep.extend(lengths)
+    stats = length_stats(lengths, max_length)
     warning = over_length_warning(stats, len(data.rows), max_length)
     if warning:
         log.emit("warning", message=warning)
@@ -181,8 +204,8 @@ def base_effective(dtype: torch.dtype, t: TrainingSpec, rows: int, levers=None) 
     effective = {
         "device": modeling.device_name(),
         "compute_dtype": modeling.dtype_name(dtype),
-        "optim": effective_optim(t.optim),
-        "total_steps": total_steps(rows, t),
+        "optim": effective_optim(t.optim, levers),
+        "total_steps": total_steps(rows, t, levers),
     }
     if levers is not None:
         effective.update(levers.effective())

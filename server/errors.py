@@ -1,0 +1,25 @@
+"""The one exception type for mistakes a caller can fix, and how validation errors are worded."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class UserError(Exception):
+    """A request that cannot be served as asked: the message says what was wrong and what to do.
+
+    Tools turn it into an MCP tool error (`isError: true`) carrying the message verbatim; anything
+    else that escapes a tool is a server bug and reaches the caller as a generic error.
+    """
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, `field: what is wrong`, without echoing the (possibly huge) input."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown argument (check the spelling against the tool's input schema)"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

@@ -1,0 +1,421 @@
+"""Speed levers (issue 4): each lever, where it runs on a CPU, learns the same as with it off.
+
+Runs on the embedded tiny-demo model in fp32 with LoRA dropout 0 (dropout draws would differ with the
+batch layout). The end-to-end checks run each stage in-process for two optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import fast
+from pipeline.specs import DPOSpec, SFTSpec, TrainingSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_pack_rows_first_fit_decreasing():
+    rows = fast.pack_rows([5, 3, 8, 2, 6], capacity=10)
+    assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 3, 8, 2, 6][i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 3  # 24 tokens need at least 3 rows of 10
+    assert fast.pack_rows([12, 1], capacity=10) == [[0], [1]]  # an over-long sequence gets a row of its own
+
+
+def test_packed_collator_positions_and_labels():
+    collate = fast.PackedRowsCollator(pad_token_id=3, capacity=8)
+    batch = collate([{"input_ids": [10, 11, 12], "labels": [10, 11, 12]},
+                     {"input_ids": [20, 21, 22, 23], "labels": [-100, 21, 22, 23]},
+                     {"input_ids": [30, 31, 32, 33, 34, 35]}])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask
+    ids, labels, pos = batch["input_ids"].tolist(), batch["labels"].tolist(), batch["position_ids"].tolist()
+    assert len(ids) == 2 and len(ids[0]) == 7
+    flat = {tuple(row[:]) for row in ids}
+    assert (30, 31, 32, 33, 34, 35, 3) in flat
+    for row_ids, row_labels, row_pos in zip(ids, labels, pos):
+        for j, token in enumerate(row_ids):
+            if token == 3:  # pad: no loss
+                assert row_labels[j] == -100
+            elif row_pos[j] == 0:  # a sequence's first token is never predicted from the one before
+                assert row_labels[j] == -100
+    row = ids.index([10, 11, 12, 20, 21, 22, 23])
+    assert pos[row] == [0, 1, 2, 0, 1, 2, 3]
+    assert labels[row] == [-100, 11, 12, -100, 21, 22, 23]
+
+
+def test_resolve_fuses_accumulation_within_the_token_budget(tiny_demo):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    recipe = TrainingSpec()  # 2 x 4 x 512 = 4096 tokens <= 16384
+    lv = fast.resolve(recipe, "sft", config, torch.float32, rows=100)
+    assert (lv.batch_size, lv.accumulation) == (8, 1)
+    lv = fast.resolve(recipe, "dpo", config, torch.float32, rows=100)  # chosen + rejected: 8192 tokens
+    assert (lv.batch_size, lv.accumulation) == (8, 1)
+    off = fast.resolve(recipe.model_copy(update={"max_tokens_per_batch": 0}), "sft", config, torch.float32, rows=100)
+    assert (off.batch_size, off.accumulation) == (2, 4)
+    big = fast.resolve(recipe.model_copy(update={"max_length": 4096}), "sft", config, torch.float32, rows=100)
+    assert (big.batch_size, big.accumulation) == (4, 2)  # 4 x 4096 fits 16384: partly fused
+    huge = fast.resolve(recipe.model_copy(update={"max_length": 16384}), "sft", config, torch.float32, rows=100)
+    assert (huge.batch_size, huge.accumulation) == (2, 4)  # nothing larger than the recipe's micro-batch fits
+
+
+def test_resolve_cpu_skips_gpu_only_levers_with_a_note(tiny_demo):
+    from transformers import AutoConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    config = AutoConfig.from_pretrained(tiny_demo)
+    lv = fast.resolve(TrainingSpec(activation_offloading=True), "sft", config, torch.float32, rows=10)
+    assert lv.use_liger_kernel is False and lv.activation_offloading is False
+    assert lv.gradient_checkpointing is False  # "auto": the tiny model's activations fit
+    notes = " ".join(lv.notes)
+    assert "use_liger_kernel skipped" in notes and "activation_offloading skipped" in notes
+    assert "gradient_checkpointing auto -> False" in notes
+    forced = fast.resolve(TrainingSpec(gradient_checkpointing=True, use_liger_kernel=False), "sft", config,
+                          torch.float32, rows=10)
+    assert forced.gradient_checkpointing is True
+    assert [n for n in forced.notes[1:] if not n.startswith("fused_optimizer skipped")] == []
+    assert forced.optim == "adamw_torch" and not forced.master_fp32  # CPU: torch's AdamW, weights as before
+    assert forced.tokens_per_step == 0 and forced.step_scale == 1  # 'auto' token budget is off on a CPU
+
+
+def test_activation_estimate_for_tinyllama_shape():
+    from types import SimpleNamespace
+
+    tinyllama = SimpleNamespace(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22)
+    gib = fast.activation_bytes(tinyllama, 8 * 2048, torch.bfloat16) / 2**30
+    assert 40 < gib < 60  # stock HF + Liger without checkpointing measured 44 GiB at 8 x 2048
+
+
+def test_precompute_auto_only_when_rows_are_reused(tiny_demo):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    short = TrainingSpec(max_steps=10, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    assert not fast.resolve(short, "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
+    epochs = TrainingSpec(num_train_epochs=3)
+    assert fast.resolve(epochs, "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
+    assert not fast.resolve(TrainingSpec(precompute_ref_log_probs=False, num_train_epochs=3), "dpo", config,
+                            torch.float32, rows=100).precompute_ref_log_probs
+
+
+def test_fused_optimizer_lever_resolves_per_device(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    monkeypatch.setattr(fast, "fused_optimizer_ok", lambda: True)  # as on CUDA
+    on = fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10)
+    assert on.optim == "adamw_torch_fused" and on.master_fp32 and on.effective()["optim"] == "adamw_torch_fused"
+    off = fast.resolve(TrainingSpec(fused_optimizer=False), "sft", config, torch.bfloat16, rows=10)
+    assert off.optim == "paged_adamw_32bit" and not off.master_fp32
+    eight_bit = fast.resolve(TrainingSpec(optim="paged_adamw_8bit"), "sft", config, torch.bfloat16, rows=10)
+    assert eight_bit.optim == "paged_adamw_8bit"  # quantized states: not the same math, left alone
+    lowmem = fast.resolve(TrainingSpec(activation_offloading=True), "sft", config, torch.bfloat16, rows=10)
+    assert lowmem.optim == "paged_adamw_32bit" and "memory-saving" in " ".join(lowmem.notes)
+
+
+def test_cast_trainable_master_fp32_keeps_fp32_under_bf16(tiny_demo):
+    from peft import get_peft_model
+
+    from pipeline.modeling import cast_trainable, load_base
+    from pipeline.specs import LoraSpec, QuantSpec
+    from pipeline.training import lora_config
+
+    model = get_peft_model(load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32),
+                           lora_config(LoraSpec(r=4)))
+    cast_trainable(model, torch.bfloat16, master_fp32=True)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    cast_trainable(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
+def test_torch_fused_adamw_is_the_same_math():
+    """adamw_torch_fused vs adamw_torch (what the lever swaps on CUDA; fused AdamW also runs on a CPU)."""
+    torch.manual_seed(0)
+    params = [torch.randn(64, 8), torch.randn(8, 64), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(5)]
+    out = []
+    for fused in (False, True):
+        ps = [p.clone().requires_grad_(True) for p in params]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=fused, foreach=None if fused else False)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        out.append([p.detach() for p in ps])
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_per_step_scales_the_step_and_the_step_counts(tiny_demo):
+    from transformers import AutoConfig
+
+    from pipeline.training import total_steps
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    # 2 x 4 sequences of ~700 tokens: ~5.6k a step -> k = 4
+    recipe = TrainingSpec(tokens_per_step=24576, max_length=2048)
+    lv = fast.resolve(recipe, "sft", config, torch.float32, rows=3000, mean_tokens=700)
+    assert lv.step_scale == 4 and lv.batch_size * lv.accumulation == 32
+    assert (lv.batch_size, lv.accumulation) == (8, 4)  # 8 x 2048 = 16384 fits max_tokens_per_batch
+    short = fast.resolve(recipe.model_copy(update={"max_length": 512}), "sft", config, torch.float32, rows=3000,
+                         mean_tokens=700)  # rows clipped to 512: k = round(24576 / 4096)
+    assert short.step_scale == 6 and (short.batch_size, short.accumulation) == (24, 2)
+    assert lv.max_steps == -1 and lv.save_steps == 13
+    # Epochs: the same rows in a quarter of the steps.
+    assert total_steps(3000, recipe) == 375 and total_steps(3000, recipe, lv) == 94
+    # max_steps counts recipe-sized steps: the same sequences in ceil(200 / k) steps.
+    dpo = TrainingSpec(learning_rate=1e-5, max_steps=200, warmup_ratio=0.1, tokens_per_step=24576)
+    lv = fast.resolve(dpo, "dpo", config, torch.float32, rows=12000, mean_tokens=400)  # 800 tokens a pair
+    assert lv.step_scale == 4 and lv.max_steps == 50 and total_steps(12000, dpo, lv) == 50
+    assert lv.batch_size * lv.accumulation == 32 and lv.batch_size * 1024 <= 16384
+    # Off, unknown lengths, or tiny data: the recipe's step.
+    assert fast.resolve(recipe.model_copy(update={"tokens_per_step": 0}), "sft", config, torch.float32, rows=3000,
+                        mean_tokens=700).step_scale == 1
+    assert fast.resolve(recipe, "sft", config, torch.float32, rows=3000).step_scale == 1
+    assert fast.resolve(recipe, "sft", config, torch.float32, rows=12, mean_tokens=700).step_scale == 1
+
+
+def test_spec_accepts_auto_and_bools():
+    assert TrainingSpec().gradient_checkpointing == "auto"
+    assert TrainingSpec(gradient_checkpointing=False).gradient_checkpointing is False
+    with pytest.raises(Exception):
+        TrainingSpec(gradient_checkpointing="sometimes")
+
+
+# ---------------------------------------------------------------- same numbers with the lever on and off
+
+
+@pytest.fixture(scope="module")
+def demo_model(tiny_demo):
+    from pipeline.modeling import load_base
+    from pipeline.specs import QuantSpec
+
+    torch.manual_seed(0)
+    return load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32).eval()
+
+
+def _sft_examples(tokenizer, n: int) -> list[dict]:
+    from pipeline.chat import render
+    from pipeline.samples import SFT_SAMPLE
+
+    rows = [json.loads(line) for line in SFT_SAMPLE.read_text().splitlines()[:n]]
+    texts = [render(r["messages"], add_generation_prompt=False, eos=tokenizer.eos_token) for r in rows]
+    return [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"][:200]} for t in texts]
+
+
+def test_packed_loss_equals_padded_loss(demo_model, tokenizer):
+    examples = _sft_examples(tokenizer, 6)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 1
+    width = max(lengths)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        padded = demo_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        packed_batch = fast.PackedRowsCollator(pad_token_id=pad, capacity=width + 150)(examples)
+        assert packed_batch["input_ids"].shape[0] < len(examples)  # sequences really share rows
+        packed = demo_model(**packed_batch).loss
+        # Without the restarting positions (one long causal sequence) the loss would differ: the mask matters.
+        leaky = dict(packed_batch)
+        leaky.pop("position_ids")
+        leaked = demo_model(**leaky).loss
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-5), (packed, padded)
+    assert not torch.allclose(leaked, padded, rtol=1e-4, atol=1e-4)
+
+
+def test_dropping_a_right_padding_mask_keeps_real_token_outputs(demo_model):
+    ids = torch.randint(10, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        ref = demo_model(input_ids=ids, attention_mask=mask).logits
+        handle = fast.drop_right_padding_mask(demo_model)
+        try:
+            seen = []
+            probe = demo_model.model.register_forward_pre_hook(
+                lambda m, a, k: seen.append(k.get("attention_mask")), with_kwargs=True)
+            out = demo_model(input_ids=ids, attention_mask=mask).logits
+            probe.remove()
+        finally:
+            handle.remove()
+    assert seen == [None]  # the mask really was dropped (hooks run in registration order)
+    real = mask.bool()
+    assert torch.allclose(out[real], ref[real], atol=1e-5)
+
+
+def test_left_padding_mask_is_kept(demo_model):
+    ids = torch.randint(10, 1000, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    handle = fast.drop_right_padding_mask(demo_model)
+    try:
+        seen = []
+        probe = demo_model.model.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k.get("attention_mask")), with_kwargs=True)
+        with torch.no_grad():
+            demo_model(input_ids=ids, attention_mask=mask)
+        probe.remove()
+    finally:
+        handle.remove()
+    assert seen[0] is not None
+
+
+# ---------------------------------------------------------------- end to end through the stages
+
+OFF = dict(padding_free=False, max_tokens_per_batch=0, gradient_checkpointing=True, use_liger_kernel=False,
+           precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0)
+ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing="auto", use_liger_kernel=True,
+          precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto")
+
+
+def _steps(job_dir: Path) -> list[dict]:
+    from pipeline.events import read_events
+
+    return [e for e in read_events(job_dir / "events.jsonl") if e["event"] == "step"]
+
+
+def _run(stage_fn, spec, job_dir: Path):
+    from pipeline.events import EventLog
+
+    job_dir.mkdir(parents=True)
+    log = EventLog(job_dir / "events.jsonl")
+    try:
+        summary = stage_fn(spec, job_dir, log)
+    finally:
+        log.close()
+    return summary, _steps(job_dir)
+
+
+def _sft_spec(levers: dict) -> SFTSpec:
+    from pipeline.samples import SFT_SAMPLE
+
+    return SFTSpec(
+        base_model="tiny-demo", dataset={"source": str(SFT_SAMPLE), "max_samples": 16},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0}, quant={"quantization": "none", "compute_dtype": "fp32"},
+        training=dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=2, max_length=128,
+                      learning_rate=1e-2, save_steps=100, **levers),
+        eval_prompts={"prompts": [], "max_new_tokens": 1},
+    )
+
+
+def test_sft_levers_learn_the_same(tmp_path):
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    off_summary, off = _run(run_sft, _sft_spec(OFF), tmp_path / "off")
+    on_summary, on = _run(run_sft, _sft_spec(ON), tmp_path / "on")
+    start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["padding_free"] and start["levers"]["micro_batch_size"] == 8
+    assert [s["step"] for s in on] == [1, 2] == [s["step"] for s in off]
+    for a, b in zip(off, on):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+    assert on_summary["tokens_seen"] == off_summary["tokens_seen"]  # real tokens, pads not counted
+
+
+def test_dpo_levers_learn_the_same(tmp_path):
+    from pipeline.dpo import run_dpo
+    from pipeline.samples import DPO_SAMPLE
+
+    def spec(levers: dict) -> DPOSpec:
+        return DPOSpec(
+            base_model="tiny-demo", dataset={"source": str(DPO_SAMPLE), "max_samples": 16},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0}, quant={"quantization": "none", "compute_dtype": "fp32"},
+            training=dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, max_length=128,
+                          learning_rate=5e-3, warmup_ratio=0.0, save_steps=100, **levers),
+            eval_prompts={"prompts": [], "max_new_tokens": 1},
+        )
+
+    _, off = _run(run_dpo, spec(OFF), tmp_path / "off")
+    _, on = _run(run_dpo, spec(ON), tmp_path / "on")
+    pre = dict(ON, precompute_ref_log_probs=True)
+    _, precomputed = _run(run_dpo, spec(pre), tmp_path / "pre")
+    for a, b, c in zip(off, on, precomputed):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        assert math.isclose(a["loss"], c["loss"], rel_tol=1e-4), (a, c)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+    assert len(on) == len(off) == 2
+
+
+def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
+    """The Trainer path with adamw_torch_fused (forced here; on CUDA the lever picks it) vs adamw_torch."""
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    _, off = _run(run_sft, _sft_spec(dict(OFF, padding_free=True)), tmp_path / "off")
+    monkeypatch.setattr(fast, "fused_optimizer_ok", lambda: True)
+    _, on = _run(run_sft, _sft_spec(dict(OFF, padding_free=True, fused_optimizer=True)), tmp_path / "on")
+    start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["optim"] == "adamw_torch_fused" and start["levers"]["master_weights_fp32"]
+    assert len(on) == len(off) == 2
+    for a, b in zip(off, on):  # step 2's loss is after one optimizer update
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+
+
+def test_sft_token_budget_step_equals_the_bigger_recipe_step(tmp_path):
+    """tokens_per_step = k x the recipe's sequences a step and max_steps / k: the same as asking for that step."""
+    from pipeline.events import read_events
+    from pipeline.samples import SFT_SAMPLE
+    from pipeline.sft import run_sft
+
+    def spec(training: dict) -> SFTSpec:
+        base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_length=128,
+                    learning_rate=1e-2, warmup_ratio=0.25, save_steps=100, **OFF)
+        return SFTSpec(
+            base_model="tiny-demo", dataset={"source": str(SFT_SAMPLE), "max_samples": 32},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0}, quant={"quantization": "none", "compute_dtype": "fp32"},
+            training={**base, **training}, eval_prompts={"prompts": [], "max_new_tokens": 1},
+        )
+
+    # 32 rows cap k at 4: 32 sequences a step; max_steps 8 recipe steps -> 2 optimizer steps.
+    _, budget = _run(run_sft, spec(dict(tokens_per_step=1_000_000, max_tokens_per_batch=16384, max_steps=8)),
+                     tmp_path / "budget")
+    _, manual = _run(run_sft, spec(dict(gradient_accumulation_steps=16, max_steps=2)), tmp_path / "manual")
+    start = next(e for e in read_events(tmp_path / "budget" / "events.jsonl") if e["event"] == "start")
+    lv = start["levers"]
+    assert (lv["step_scale"], lv["sequences_per_step"], lv["max_steps"]) == (4, 32, 2)
+    assert start["total_steps"] == 2 and [s["total"] for s in budget] == [2, 2]
+    assert [s["step"] for s in budget] == [1, 2] == [s["step"] for s in manual]
+    for a, b in zip(manual, budget):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+        assert math.isclose(a["learning_rate"], b["learning_rate"], rel_tol=1e-6), (a, b)
+
+
+def test_torch_compile_lever_reaches_the_trainer(tiny_demo, tmp_path):
+    from transformers import AutoConfig
+
+    from pipeline.training import trainer_kwargs
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    for on in (False, True):
+        lv = fast.resolve(TrainingSpec(torch_compile=on), "sft", config, torch.float32, rows=10)
+        assert lv.effective()["torch_compile"] is on
+        assert trainer_kwargs(TrainingSpec(torch_compile=on), torch.float32, tmp_path, lv)["torch_compile"] is on
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("TINYLLAMA_MCP_COMPILE_TEST"),
+                    reason="minutes of inductor compile on a CPU: set TINYLLAMA_MCP_COMPILE_TEST=1")
+def test_sft_torch_compile_learns_the_same(tmp_path):
+    from pipeline.sft import run_sft
+
+    _, off = _run(run_sft, _sft_spec(dict(OFF, padding_free=True)), tmp_path / "off")
+    _, on = _run(run_sft, _sft_spec(dict(OFF, padding_free=True, torch_compile=True)), tmp_path / "on")
+    assert len(on) == len(off) == 2
+    for a, b in zip(off, on):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
