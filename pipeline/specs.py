@@ -105,16 +105,18 @@ class TrainingSpec(_Spec):
         "and larger kernels. 0: off.",
     )
     fused_optimizer: bool = Field(
-        True,
-        description="CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
+        False,
+        description="Off by default: on an H200 the SFT stage ran 17.8k tok/s without it and tokens_per_step vs "
+        "14.3k with both (bench/results/train_bench_H200_round2.json). CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
         "states and fp32 LoRA master weights (compute stays bf16/fp16 under autocast): the same AdamW math in a "
         "few kernels instead of one paged bitsandbytes launch per tensor. Kept off in the memory-saving mode "
         "(activation_offloading=true), whose optimizer states stay paged. 8-bit optimizers are left as they are. "
         "On a CPU the optimizer is adamw_torch either way.",
     )
     tokens_per_step: Union[int, Literal["auto"]] = Field(
-        "auto",
-        description="Real (non-pad) tokens one optimizer step should hold: the recipe's sequences per step "
+        0,
+        description="Off (0) by default: measured no faster on an H200 (see fused_optimizer), and it changes "
+        "the recipe's sequences per step. Real (non-pad) tokens one optimizer step should hold: the recipe's sequences per step "
         "(batch x accumulation) are multiplied by k = round(tokens_per_step / (sequences x mean tokens)), "
         "max_steps and save_steps are divided by k (same sequences trained), cosine over the fewer steps, "
         "same warmup fraction, same peak learning rate. 'auto': 24576 on CUDA, 0 on a CPU. 0: off.",

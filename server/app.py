@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable, Optional
 import anyio.to_thread
 import mcp_types
 from mcp.server import MCPServer, ServerRequestContext
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
@@ -85,9 +86,11 @@ def _decode_json_strings(model: type[BaseModel], arguments: dict[str, Any]) -> d
 
 def make_tool(
     name: str, title: str, description: str, input_model: type[BaseModel], output_model: type[BaseModel],
-    handler: Callable[[Any], Awaitable[BaseModel]], annotations: mcp_types.ToolAnnotations,
+    handler: Callable[..., Awaitable[BaseModel]], annotations: mcp_types.ToolAnnotations,
+    wants_context: bool = False,
 ) -> Tool:
-    async def call(**arguments: Any) -> BaseModel:
+    """A tool validated by its own input model; `wants_context` passes the request context (for progress)."""
+    async def call(ctx: Context, **arguments: Any) -> BaseModel:
         try:
             args = input_model.model_validate(_decode_json_strings(input_model, arguments))
         except ValidationError as exc:
@@ -95,7 +98,7 @@ def make_tool(
                 f"invalid arguments: {describe_validation_error(exc)}. Fix them and call {name} again."
             ) from None
         try:
-            return await handler(args)
+            return await (handler(args, ctx) if wants_context else handler(args))
         except UserError as exc:
             raise ToolError(str(exc)) from None
 
@@ -103,7 +106,7 @@ def make_tool(
         fn=call, name=name, title=title, description=description,
         parameters=input_model.model_json_schema(),
         fn_metadata=FuncMetadata(arg_model=_RawArguments, output_model=output_model),
-        is_async=True, annotations=annotations,
+        is_async=True, annotations=annotations, context_kwarg="ctx",
     )
 
 
@@ -167,9 +170,10 @@ def build_server(runtime: Runtime) -> MCPServer:
                 "Answer a prompt (or a chat in messages) with a model: a merge job's id or output_name, a finished "
                 "SFT/DPO job (adapter applied on load), 'tiny-demo', a hub id or a local folder; default the "
                 "configured model, else the newest merged model. Returns text, usage and latency. The first call "
-                "for a model loads it (seconds); later calls reuse it.",
-                GenerateInput, GenerateOutput, lambda args: logic.generate(svc, args),
-                _annotations(read_only=True, destructive=False, idempotent=False),
+                "for a model loads it (seconds); later calls reuse it, and concurrent calls are batched. Send a "
+                "progress token to receive the partial text as progress notifications while it generates.",
+                GenerateInput, GenerateOutput, lambda args, ctx: logic.generate(svc, args, ctx.report_progress),
+                _annotations(read_only=True, destructive=False, idempotent=False), wants_context=True,
             ),
             make_tool(
                 "cancel", "Cancel a job",

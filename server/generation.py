@@ -2,8 +2,9 @@
 
 `pipeline.generate` imports torch, so it is imported on first use, inside the thread. A model is
 loaded once (a few seconds) and reused; at most `max_loaded` stay in memory, least recently used
-first out. Calls to one model are serialized (a model instance is not shared between concurrent
-generate calls), while the event loop keeps answering other requests such as `status`.
+first out. Concurrent calls to one model go to its engine together, which batches them (requests
+join and leave the running batch between decode steps), while the event loop keeps answering other
+requests such as `status`. Partial text is streamed back to the loop as progress reports.
 """
 
 from __future__ import annotations
@@ -12,18 +13,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from pipeline.specs import GenerationSpec
 from server.errors import UserError
-
-
-@dataclass
-class _Loaded:
-    generator: Any
-    lock: threading.Lock
 
 
 @dataclass(frozen=True)
@@ -38,10 +35,10 @@ class Generated:
 class GeneratorCache:
     def __init__(self, max_loaded: int = 2) -> None:
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._load_lock = threading.Lock()
 
-    def _get(self, model_ref: str) -> _Loaded:
+    def _get(self, model_ref: str):
         with self._load_lock:
             entry = self._loaded.get(model_ref)
             if entry is not None:
@@ -51,26 +48,27 @@ class GeneratorCache:
             from pipeline.generate import load_generator
 
             try:
-                entry = _Loaded(load_generator(model_ref), threading.Lock())
+                entry = load_generator(model_ref)
             except PipelineUserError as exc:
                 raise UserError(str(exc)) from None
             self._loaded[model_ref] = entry
             while len(self._loaded) > self.max_loaded:
+                # Dropped, not closed: a call may still be running on it; its idle engine thread exits alone.
                 self._loaded.popitem(last=False)
             return entry
 
     def generate_sync(
-        self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec
+        self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
+        on_text: Optional[Callable[[str, int], None]] = None,
     ) -> Generated:
         started = time.perf_counter()
-        entry = self._get(model_ref)
+        generator = self._get(model_ref)
         from pipeline.errors import UserError as PipelineUserError
 
-        with entry.lock:
-            try:
-                result = entry.generator.generate(messages=messages, prompt=prompt, spec=spec)
-            except PipelineUserError as exc:
-                raise UserError(str(exc)) from None
+        try:
+            result = generator.generate(messages=messages, prompt=prompt, spec=spec, on_text=on_text)
+        except PipelineUserError as exc:
+            raise UserError(str(exc)) from None
         return Generated(
             text=result.text,
             prompt_tokens=result.prompt_tokens,
@@ -80,9 +78,22 @@ class GeneratorCache:
         )
 
     async def generate(
-        self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec
+        self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
+        report_progress: Optional[Callable[[float, Optional[float], Optional[str]], Awaitable[None]]] = None,
     ) -> Generated:
-        # abandon_on_cancel: a client that gives up gets its answer back at once; the thread finishes alone.
-        return await anyio.to_thread.run_sync(
-            self.generate_sync, model_ref, messages, prompt, spec, abandon_on_cancel=True
-        )
+        """`report_progress(completion_tokens, max_new_tokens, partial_text)` is awaited on this loop as text grows."""
+        on_text = None
+        async with anyio.create_task_group() as reports:
+            if report_progress is not None:
+                token = anyio.lowlevel.current_token()
+
+                def on_text(text: str, completion_tokens: int) -> None:
+                    # Called on the engine's thread: hand the report to the loop without waiting for it to be sent.
+                    anyio.from_thread.run_sync(
+                        reports.start_soon, report_progress, completion_tokens, spec.max_new_tokens, text, token=token
+                    )
+
+            # abandon_on_cancel: a client that gives up gets its answer back at once; the thread finishes alone.
+            return await anyio.to_thread.run_sync(
+                self.generate_sync, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True
+            )

@@ -337,7 +337,8 @@ def prepare_generation(svc: Services, args: GenerateInput) -> tuple[str, str, Ge
     return model_ref, label, spec
 
 
-async def generate(svc: Services, args: GenerateInput) -> GenerateOutput:
+async def generate(svc: Services, args: GenerateInput, report_progress=None) -> GenerateOutput:
+    """`report_progress(progress, total, message)` (the MCP context's) receives the partial text as it grows."""
     import anyio.to_thread
 
     model_ref, label, spec = await anyio.to_thread.run_sync(prepare_generation, svc, args)
@@ -347,7 +348,7 @@ async def generate(svc: Services, args: GenerateInput) -> GenerateOutput:
         messages, prompt = None, args.prompt
     else:  # a prompt is a question to a chat model: one user turn, in its chat template
         messages, prompt = [{"role": "user", "content": args.prompt}], None
-    result = await svc.generators.generate(model_ref, messages, prompt, spec)
+    result = await svc.generators.generate(model_ref, messages, prompt, spec, report_progress)
     return GenerateOutput(
         text=result.text, model=label, finish_reason=result.finish_reason, latency_ms=result.latency_ms,
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
