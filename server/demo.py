@@ -23,7 +23,9 @@ from pipeline.specs import TINY_DEMO
 from server.client import TinyLlamaClient, ToolCallError
 from server.models import JobView
 
-QUESTION = "How do I name a feature branch?"
+# A question from the SFT samples whose answer the 0.5M-parameter toy model keeps through DPO and merge
+# (it memorizes most answers; DPO on top wears a few of them away, as preference tuning can).
+QUESTION = "Where do secrets live?"
 
 
 class ProgressBar:

@@ -9,6 +9,7 @@ requests such as `status`. Partial text is streamed back to the loop as progress
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +22,8 @@ import anyio.to_thread
 
 from pipeline.specs import GenerationSpec
 from server.errors import UserError
+
+log = logging.getLogger("tinyllama_mcp")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,16 @@ class GeneratorCache:
                 entry = load_generator(model_ref)
             except PipelineUserError as exc:
                 raise UserError(str(exc)) from None
+            except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+                # A folder or hub id that is not a loadable model (no weights, an unknown architecture,
+                # a model that asks for remote code, which is never run): the caller's to fix, so a
+                # clear one-line error rather than a crash; the traceback stays in the server log.
+                log.warning("could not load model %r", model_ref, exc_info=True)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise UserError(
+                    f"could not load model {model_ref!r} ({type(exc).__name__}: {first}); "
+                    "pass a Hugging Face checkpoint folder, a finished job, a hub id or 'tiny-demo'"
+                ) from None
             self._loaded[model_ref] = entry
             while len(self._loaded) > self.max_loaded:
                 # Dropped, not closed: a call may still be running on it; its idle engine thread exits alone.
@@ -94,6 +107,12 @@ class GeneratorCache:
                     )
 
             # abandon_on_cancel: a client that gives up gets its answer back at once; the thread finishes alone.
-            return await anyio.to_thread.run_sync(
-                self.generate_sync, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True
-            )
+            try:
+                return await anyio.to_thread.run_sync(
+                    self.generate_sync, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True
+                )
+            except UserError as exc:
+                # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which the
+                # tool layer cannot recognise as the caller's mistake: the caller would see a bare crash.
+                error = exc
+        raise error

@@ -84,6 +84,30 @@ def _local_model(svc: Services, ref: str) -> str:
     return str(path)
 
 
+def _offline(svc: Services) -> bool:
+    if svc.settings.offline is not None:
+        return svc.settings.offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_model_available(svc: Services, name: str) -> str:
+    """A hub model id, refused at once when offline and not in the local cache (the job could only fail)."""
+    if not _offline(svc):
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library itself rejects
+        cached = False
+    if not cached:
+        raise UserError(
+            f"model {name!r} is not in the local Hugging Face cache and this server is offline (HF_HUB_OFFLINE); "
+            "pass a local checkpoint folder, a merge job id or 'tiny-demo'"
+        )
+    return name
+
+
 def resolve_base_model(svc: Services, ref: Optional[str]) -> str:
     """A training base model: 'tiny-demo', a hub id, a local checkpoint folder, or a finished merge job."""
     if ref is None:
@@ -101,7 +125,7 @@ def resolve_base_model(svc: Services, ref: Optional[str]) -> str:
     if looks_local(ref):
         return _local_model(svc, ref)
     if is_hub_id(ref):
-        return ref
+        return _hub_model_available(svc, ref)
     raise UserError(f"base_model {ref!r} is neither 'tiny-demo', a hub id, a local folder nor a merge job")
 
 

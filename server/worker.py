@@ -289,7 +289,12 @@ class Worker:
         if ending == "cancel":
             self.store.finish(job.id, self.worker_id, "cancelled", "cancelled while running")
             return
-        reason = progress.get("error") or next(iter(log_tail(log_path, 1)), "") or _describe_exit(returncode)
+        if returncode < 0:
+            # Killed by a signal: the log's last line is whatever the process was printing at that
+            # moment (a progress dict, a warning), not the reason; the signal is.
+            reason = progress.get("error") or _describe_exit(returncode)
+        else:
+            reason = progress.get("error") or next(iter(log_tail(log_path, 1)), "") or _describe_exit(returncode)
         if returncode > 0 and reason != _describe_exit(returncode):
             reason = f"{reason} (exit status {returncode})"
         if ending == "shutdown":

@@ -14,7 +14,9 @@ from server.settings import Settings
 from tests.server.support import SAMPLES, VENV_BIN, prepare_home, serving
 
 # Text that must never reach a caller: it means an exception escaped a tool (a server bug).
-INTERNAL_MARKERS = ("Traceback", "Error executing tool", 'File "/', "Internal error", "Exception:")
+# The SDK words every deliberate tool error "Error executing tool <name>: <message>"; a crash (an
+# exception other than the tool's own error) reaches the caller as the bare prefix, with no message.
+INTERNAL_MARKERS = ("Traceback", 'File "/', "Internal error", "object has no attribute", "NoneType")
 
 
 class Session:
@@ -35,6 +37,9 @@ class Session:
             text = " ".join(getattr(block, "text", "") for block in result.content)
             assert text.strip(), f"{tool}: empty error for {arguments!r}"
             assert "\n" not in text.strip(), f"{tool}: multi-line error {text[:500]!r}"
+            prefix = f"Error executing tool {tool}: "
+            assert text.startswith(prefix) and text[len(prefix):].strip(), f"{tool}: crash {text!r} for {str(arguments)[:300]}"
+            assert len(text) < 20_000, f"{tool}: a {len(text)}-character error"
             for marker in INTERNAL_MARKERS:
                 assert marker not in text, f"{tool}: internal error text {text[:500]!r} for {str(arguments)[:300]}"
         else:
