@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline import data as data_mod
 from pipeline import fast, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
@@ -64,19 +63,14 @@ def to_text_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
-    # Bad data is the commonest user error: report it before importing TRL or loading any model.
-    data = data_mod.load(spec.dataset, "dpo")
+    inputs = training.load_inputs(spec, "dpo", log)  # before importing TRL: bad data fails fast
 
     from datasets import Dataset
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    dtype = modeling.compute_dtype(spec.quant.compute_dtype)
-    original_base = modeling.resolve_model(spec.base_model)
-    tokenizer = modeling.load_tokenizer(original_base)
-    row_lengths: list[int] = []
-    lengths = training.warn_long_rows(log, data, "dpo", tokenizer, spec.training.max_length, keep=row_lengths)
-    pairs = to_text_pairs(data.rows, tokenizer, spec.training.max_length)
+    dtype, tokenizer, original_base = inputs.dtype, inputs.tokenizer, inputs.base
+    pairs = to_text_pairs(inputs.data.rows, tokenizer, spec.training.max_length)
     train_rows, eval_rows = training.split_eval(pairs, spec.training.eval_fraction, spec.training.seed)
 
     if spec.sft_adapter:
@@ -86,8 +80,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         policy_base = original_base
         stack_base, stack_quant, stack_parents = spec.base_model, spec.quant, []
     model = modeling.load_base(policy_base, spec.quant, dtype)
-    levers = fast.resolve(spec.training, "dpo", model.config, dtype, rows=len(train_rows),
-                          mean_tokens=training.mean_row_tokens(row_lengths, spec.training.max_length))
+    levers = fast.resolve(spec.training, "dpo", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens)
 
     summary: dict = {}
     set_seed(spec.training.seed)
@@ -116,17 +109,13 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     # Right-padded batches need no attention mask under causal attention (TRL's DPO padding-free is disabled).
     unmask = fast.drop_right_padding_mask(trainer.model) if levers.padding_free else None
     try:
-        training.run_trainer(
-            trainer, job_dir, log,
-            dict(stage="dpo", device=effective["device"], dtype=effective["compute_dtype"],
-                 total_steps=effective["total_steps"], rows=len(train_rows), levers=levers.effective()),
-        )
+        training.run_trainer(trainer, job_dir, log, training.start_fields("dpo", effective, len(train_rows), levers))
     finally:
         if unmask is not None:
             unmask.remove()  # generation (eval samples) pads and caches: keep its masks
     summary = training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
-        resolved_base=original_base, data=data, lengths=lengths,
+        resolved_base=original_base, data=inputs.data, lengths=inputs.lengths,
         stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
         effective=effective, has_eval=bool(eval_rows),
         stack_policy_quant=spec.quant if spec.sft_adapter else None,  # serving redoes the NF4 round trip

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import data as data_mod
 from pipeline import fast, modeling, training
 from pipeline.events import EventLog, make_callback
 from pipeline.specs import SFTSpec
@@ -22,23 +21,17 @@ def sft_config(spec: SFTSpec, dtype, output_dir: Path, levers=None):
 
 
 def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
-    # Bad data is the commonest user error: report it before importing TRL or loading any model.
-    data = data_mod.load(spec.dataset, "sft")
+    inputs = training.load_inputs(spec, "sft", log)  # before importing TRL: bad data fails fast
 
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTTrainer
 
-    dtype = modeling.compute_dtype(spec.quant.compute_dtype)
-    base = modeling.resolve_model(spec.base_model)
-    tokenizer = modeling.load_tokenizer(base)
-    row_lengths: list[int] = []
-    lengths = training.warn_long_rows(log, data, "sft", tokenizer, spec.training.max_length, keep=row_lengths)
-    train_rows, eval_rows = training.split_eval(data.rows, spec.training.eval_fraction, spec.training.seed)
+    dtype, tokenizer = inputs.dtype, inputs.tokenizer
+    train_rows, eval_rows = training.split_eval(inputs.data.rows, spec.training.eval_fraction, spec.training.seed)
 
-    model = modeling.load_base(base, spec.quant, dtype)
-    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows),
-                          mean_tokens=training.mean_row_tokens(row_lengths, spec.training.max_length))
+    model = modeling.load_base(inputs.base, spec.quant, dtype)
+    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens)
     collator = None
     if levers.padding_free:
         collator = fast.PackedRowsCollator(
@@ -58,14 +51,10 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     )
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
-    training.run_trainer(
-        trainer, job_dir, log,
-        dict(stage="sft", device=effective["device"], dtype=effective["compute_dtype"],
-             total_steps=effective["total_steps"], rows=len(train_rows), levers=levers.effective()),
-    )
+    training.run_trainer(trainer, job_dir, log, training.start_fields("sft", effective, len(train_rows), levers))
     return training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
-        resolved_base=base, data=data, lengths=lengths,
+        resolved_base=inputs.base, data=inputs.data, lengths=inputs.lengths,
         stack_base=spec.base_model, stack_quant=spec.quant, stack_parents=[],
         effective=effective, has_eval=bool(eval_rows),
     )

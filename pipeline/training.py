@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from pipeline import data as data_mod
 from pipeline import modeling
 from pipeline.checkpoints import latest_complete, write_atomic
 from pipeline.data import LoadedData, length_stats, over_length_warning, token_lengths
@@ -198,6 +200,35 @@ def finish(
     if summary.get("runtime_s") and summary.get("tokens_this_run"):
         summary["tokens_per_s"] = round(summary["tokens_this_run"] / summary["runtime_s"], 1)
     return summary
+
+
+@dataclass
+class StageInputs:
+    """What SFT and DPO load before any model: checked data, dtype, base, tokenizer, length stats."""
+
+    data: LoadedData
+    dtype: torch.dtype
+    base: str  # the resolved base model (path or hub id)
+    tokenizer: Any
+    lengths: dict  # token-length stats, for lineage
+    mean_tokens: Optional[float]  # mean row tokens after truncation, for token-budget steps
+
+
+def load_inputs(spec, kind: str, log: EventLog) -> StageInputs:
+    # Bad data is the commonest user error: report it before loading any model.
+    data = data_mod.load(spec.dataset, kind)
+    dtype = modeling.compute_dtype(spec.quant.compute_dtype)
+    base = modeling.resolve_model(spec.base_model)
+    tokenizer = modeling.load_tokenizer(base)
+    row_lengths: list[int] = []
+    lengths = warn_long_rows(log, data, kind, tokenizer, spec.training.max_length, keep=row_lengths)
+    return StageInputs(data, dtype, base, tokenizer, lengths, mean_row_tokens(row_lengths, spec.training.max_length))
+
+
+def start_fields(stage: str, effective: dict[str, Any], rows: int, levers) -> dict[str, Any]:
+    """The `start` event's fields."""
+    return dict(stage=stage, device=effective["device"], dtype=effective["compute_dtype"],
+                total_steps=effective["total_steps"], rows=rows, levers=levers.effective())
 
 
 def base_effective(dtype: torch.dtype, t: TrainingSpec, rows: int, levers=None) -> dict[str, Any]:
