@@ -8,6 +8,7 @@ call, so the demo exercises exactly what agents use.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -23,9 +24,10 @@ from pipeline.specs import TINY_DEMO
 from server.client import TinyLlamaClient, ToolCallError
 from server.models import JobView
 
-# A question from the SFT samples whose answer the 0.5M-parameter toy model keeps through DPO and merge
-# (it memorizes most answers; DPO on top wears a few of them away, as preference tuning can).
-QUESTION = "Where do secrets live?"
+# A question from the SFT samples. The 0.5M-parameter toy model memorizes only part of the 32 answers
+# (the recall line reports how many, for all of them); the run is deterministic on a CPU, and this is
+# one it reproduces after SFT -> DPO -> merge.
+QUESTION = "What goes in a commit message?"
 
 
 class ProgressBar:
@@ -111,11 +113,35 @@ async def demo(home: Path) -> dict:
         merge_done = await _run_stage(client, "merge", merged.job_id)
 
         answer = await client.generate(QUESTION, model=name, max_new_tokens=40, temperature=0.0)
+        recall = await _recall_training_answers(client, name)
     server_log.close()
     return {
         "sft": sft_done, "dpo": dpo_done, "merge": merge_done, "answer": answer, "before": before["answer"],
-        "elapsed_s": time.monotonic() - started,
+        "recall": recall, "elapsed_s": time.monotonic() - started,
     }
+
+
+async def _recall_training_answers(client: TinyLlamaClient, model: str) -> dict:
+    """Ask every SFT training question at once (the server batches them): how many answers come back verbatim?"""
+    pairs = []
+    for line in SFT_SAMPLE.read_text("utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        user = next(m["content"] for m in messages if m["role"] == "user")
+        reply = next(m["content"] for m in messages if m["role"] == "assistant")
+        pairs.append((user, reply))
+    answers: dict[str, str] = {}
+
+    async def ask(question: str) -> None:
+        out = await client.generate(question, model=model, max_new_tokens=40, temperature=0.0)
+        answers[question] = out.text
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as group:
+        for question, _ in pairs:
+            group.start_soon(ask, question)
+    exact = [(q, a) for q, a in pairs if answers[q].strip() == a.strip()]
+    return {"exact": len(exact), "total": len(pairs), "example": exact[0] if exact else None,
+            "seconds": time.monotonic() - started}
 
 
 def _summary(result: dict) -> str:
@@ -137,6 +163,10 @@ def _summary(result: dict) -> str:
         f"    tiny-demo before training -> {result['before'].text!r}",
         f"    {merge.output_name} (merged)  -> {answer.text!r} ({answer.usage.completion_tokens} tokens, "
         f"{answer.latency_ms:.0f} ms)",
+        f"  recall: {result['recall']['exact']} of {result['recall']['total']} training answers reproduced word for "
+        f"word ({result['recall']['total']} concurrent generate calls, {result['recall']['seconds']:.1f}s)",
+        *([f"    e.g. {result['recall']['example'][0]!r} -> {result['recall']['example'][1]!r}"]
+          if result["recall"]["example"] else []),
         f"  total {result['elapsed_s']:.0f}s",
     ]
     return "\n".join(lines)

@@ -201,16 +201,26 @@ def run_preflight(dataset: DatasetSpec, kind: str, max_length: int, base_model: 
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible: never an empty spec.json after a crash
     os.replace(tmp, path)
 
 
 def _enqueue(svc: Services, spec: Any, name: Optional[str], preflight: Optional[Preflight], next_step: str) -> StartJobOutput:
     job_id = f"{spec.stage}-{secrets.token_hex(6)}"
     job_dir = svc.settings.jobs_dir / job_id
-    job_dir.mkdir(parents=True, mode=0o700)
-    # spec.json exists before the row does: a worker may claim the job the moment it is inserted.
-    _write_atomically(job_dir / "spec.json", spec.model_dump_json(indent=2))
+    try:
+        job_dir.mkdir(parents=True, mode=0o700)
+        # spec.json exists before the row does: a worker may claim the job the moment it is inserted.
+        _write_atomically(job_dir / "spec.json", spec.model_dump_json(indent=2))
+    except OSError as exc:  # a full disk, a read-only or vanished home: the operator's to fix, not a crash
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise UserError(
+            f"could not create the job folder {job_dir} ({exc.strerror or exc}); free space or fix the "
+            f"permissions of {svc.settings.jobs_dir}, then call again"
+        ) from None
     try:
         job = svc.store.enqueue(
             job_id=job_id, stage=spec.stage, spec=spec.model_dump(mode="json"), parents=list(spec.parents),
@@ -249,13 +259,20 @@ def start_sft(svc: Services, args: StartSFTInput) -> StartJobOutput:
                     "for preference tuning, or merge(sft_job_id='{job_id}') for a standalone model.")
 
 
+def _resolved_or_none(svc: Services, ref: str) -> Optional[str]:
+    try:
+        return resolve_base_model(svc, ref)
+    except UserError:  # e.g. a hub id while offline: it differs from the SFT job's base all the same
+        return None
+
+
 def start_dpo(svc: Services, args: StartDPOInput) -> StartJobOutput:
     parents: list[str] = []
     sft_adapter = None
     if args.sft_job_id is not None:
         sft = _require_job(svc, args.sft_job_id, "sft", allow_unfinished=True)
         base_model = sft.spec["base_model"]
-        if args.base_model is not None and resolve_base_model(svc, args.base_model) != base_model:
+        if args.base_model is not None and args.base_model != base_model and _resolved_or_none(svc, args.base_model) != base_model:
             raise UserError(
                 f"base_model {args.base_model!r} differs from the base of SFT job {sft.id} ({base_model}); "
                 "omit base_model: DPO always trains on its SFT job's base"
