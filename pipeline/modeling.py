@@ -53,6 +53,7 @@ def resolve_model(name: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {path} has no config.json; pass a Hugging Face checkpoint folder")
+        _refuse_custom_code(path)
         return str(path.resolve())
     if name.startswith(("/", ".", "~")):
         raise UserError(f"model folder {name} does not exist; check the path")
@@ -66,6 +67,19 @@ def resolve_model(name: str) -> str:
             "pass a local checkpoint folder or 'tiny-demo'"
         )
     return name
+
+
+def _refuse_custom_code(path: Path) -> None:
+    """A checkpoint whose config maps to its own Python code would need trust_remote_code, which we never set."""
+    try:
+        config = json.loads((path / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path}/config.json is not readable JSON; pass a Hugging Face checkpoint folder") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise UserError(
+            f"model {path} needs its own Python code (auto_map in config.json); this tool never runs model code "
+            "from checkpoints: use a checkpoint of a built-in transformers architecture such as Llama"
+        )
 
 
 def load_tokenizer(path: str):
