@@ -70,7 +70,7 @@ def resolve_model(name: str) -> str:
 
 
 def _refuse_custom_code(path: Path) -> None:
-    """A checkpoint whose config maps to its own Python code would need trust_remote_code, which we never set."""
+    """A checkpoint whose config maps to its own Python code needs remote code enabled, which this tool never does."""
     try:
         config = json.loads((path / "config.json").read_text("utf-8"))
     except (OSError, ValueError):

@@ -113,13 +113,14 @@ def test_fused_optimizer_lever_resolves_per_device(tiny_demo, monkeypatch):
 
     config = AutoConfig.from_pretrained(tiny_demo)
     monkeypatch.setattr(fast, "fused_optimizer_ok", lambda: True)  # as on CUDA
-    on = fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10)
+    on = fast.resolve(TrainingSpec(fused_optimizer=True), "sft", config, torch.bfloat16, rows=10)
     assert on.optim == "adamw_torch_fused" and on.master_fp32 and on.effective()["optim"] == "adamw_torch_fused"
     off = fast.resolve(TrainingSpec(fused_optimizer=False), "sft", config, torch.bfloat16, rows=10)
     assert off.optim == "paged_adamw_32bit" and not off.master_fp32
     eight_bit = fast.resolve(TrainingSpec(optim="paged_adamw_8bit"), "sft", config, torch.bfloat16, rows=10)
     assert eight_bit.optim == "paged_adamw_8bit"  # quantized states: not the same math, left alone
-    lowmem = fast.resolve(TrainingSpec(activation_offloading=True), "sft", config, torch.bfloat16, rows=10)
+    lowmem = fast.resolve(TrainingSpec(fused_optimizer=True, activation_offloading=True), "sft", config,
+                          torch.bfloat16, rows=10)
     assert lowmem.optim == "paged_adamw_32bit" and "memory-saving" in " ".join(lowmem.notes)
 
 
