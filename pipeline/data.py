@@ -168,7 +168,7 @@ def read_rows(spec: DatasetSpec) -> tuple[list[Any], Optional[Path]]:
 # ---------------------------------------------------------------- checking
 
 
-def _check_messages(messages: Any, where: str, need_final_assistant: bool) -> list[dict]:
+def check_messages(messages: Any, where: str, need_final_assistant: bool) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     clean = []
@@ -205,7 +205,7 @@ def _completion_text(value: Any, where: str, column: str) -> str:
 def _normalise_sft(row: Any, where: str) -> dict:
     if not isinstance(row, dict) or "messages" not in row:
         raise ValueError(f"{where}: missing column 'messages' (SFT rows need a chat 'messages' list)")
-    return {"messages": _check_messages(row["messages"], where, need_final_assistant=True)}
+    return {"messages": check_messages(row["messages"], where, need_final_assistant=True)}
 
 
 def _normalise_dpo(row: Any, where: str) -> dict:
@@ -225,7 +225,7 @@ def _normalise_dpo(row: Any, where: str) -> dict:
         if isinstance(value, str):
             prompt = [{"role": "user", "content": value}]
         else:
-            prompt = _check_messages(value, where, need_final_assistant=False)
+            prompt = check_messages(value, where, need_final_assistant=False)
             if prompt[-1]["role"] != "user":
                 raise ValueError(f"{where}: a 'prompt' conversation must end with a user turn")
     else:

@@ -6,6 +6,7 @@ A model reference is `tiny-demo`, a hub id, a merged checkpoint folder, an adapt
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -46,10 +47,10 @@ def render_input(tokenizer, messages: Optional[list[dict]], prompt: Optional[str
     if (messages is None) == (prompt is None):
         raise UserError("pass exactly one of 'messages' (a chat) or 'prompt' (raw text)")
     if messages is not None:
-        from pipeline.data import _check_messages
+        from pipeline.data import check_messages
 
         try:
-            clean = _check_messages(messages, "messages", need_final_assistant=False)
+            clean = check_messages(messages, "messages", need_final_assistant=False)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         text = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
@@ -99,7 +100,6 @@ class Generator:
         self._lock = threading.Lock()
         self._engine = None
         self._engine_off = os.environ.get("TINYLLAMA_MCP_ENGINE", "1") == "0"
-        self.engine_note: Optional[str] = None  # why the engine is not used, when it is not
 
     def engine(self):
         """The generation engine, built on first use; None where the model needs plain HF generate."""
@@ -112,7 +112,8 @@ class Generator:
                 try:
                     self._engine = Engine(self.model, self.tokenizer)
                 except EngineUnsupported as exc:
-                    self._engine_off, self.engine_note = True, str(exc)
+                    self._engine_off = True
+                    logging.getLogger(__name__).info("serving %s with transformers' generate: %s", self.ref, exc)
             return self._engine
 
     def generate(
