@@ -143,6 +143,31 @@ def run_engine(model, args, report: Report, prompts: list[list[int]], tag: str, 
                             "p95_latency_ms": round(percentile(lats, 95), 1),
                             "p50_ttft_ms": round(percentile([r.ttft_ms for r in res], 50), 1)}
             print(f"[gen_bench] {tag}: {n} concurrent: {conc[str(n)]}", flush=True)
+        # Where batch-1 latency goes besides decode: one prompt's prefill, synchronised (the engine is idle now;
+        # it writes slot 0's cache rows, which the next prefill overwrites).
+        dev = eng.device
+        ids = torch.tensor([prompts[0]], device=dev)
+        lengths = torch.tensor([len(prompts[0])], device=dev)
+        rows = torch.zeros(1, dtype=torch.long, device=dev)
+        prefill_ms = []
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            eng._prefill_forward(ids, lengths, rows)
+            sync()
+            prefill_ms.append((time.perf_counter() - t) * 1000)
+        bs1["prefill_eager_ms"] = round(sorted(prefill_ms)[2], 2)
+        graphed = eng._prefill_graphs.get(next((b for b in eng.prefill_buckets if b >= len(prompts[0])), -1))
+        if graphed is not None:  # what the engine replays for a batch-1 prompt of this length
+            replay_ms = []
+            for _ in range(5):
+                sync()
+                t = time.perf_counter()
+                graphed[0].replay()
+                sync()
+                replay_ms.append((time.perf_counter() - t) * 1000)
+            bs1["prefill_graph_ms"] = round(sorted(replay_ms)[2], 2)
+        info["prefill_graphs"] = sorted(eng._prefill_graphs)
         info["stats"] = dict(eng.stats)
         info["cuda_graphs_at_end"] = eng.use_graphs
         return {"info": info, "batch1": bs1, "concurrent": conc}
@@ -165,7 +190,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, choices=["layer", "helpers", "none"],
                     help="the main engine's decode path (default: the engine's default, layer; it falls back itself)")
     ap.add_argument("--attention", default=None, choices=["reduce", "sdpa"],
-                    help="decode attention (default: reduce when the layer is compiled, else sdpa)")
+                    help="decode attention at every batch size (default: reduce at batch 1 and sdpa above when the layer is compiled, else sdpa)")
     ap.add_argument("--hf-dynamic-tokens", type=int, default=None, help="new tokens for HF dynamic (GPU default 64)")
     args = ap.parse_args()
     t_start = time.perf_counter()

@@ -9,9 +9,13 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   a  the reference recipe as docs/ai states it: plain TRL defaults, batch 2 x accumulation 4, length 512,
      gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
-  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, fast defaults
-     (fused AdamW, token-budget optimizer steps of ~24k real tokens included).
-  c-prev (SFT)  c without the two step-level levers: fused_optimizer=false, tokens_per_step=0 (the first c).
+  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
+     (packed rows, gradient checkpointing only when memory needs it, Liger, fused AdamW; the recipe's steps).
+  c-warmup (SFT)  c run once first, not compared: it takes the Triton compiles of the first project run.
+  c-dequantized (SFT)  c with dequantized_base=true (NF4 weights dequantized once, not in every call).
+  c-paged (SFT)  c with fused_optimizer=false (the recipe's paged bitsandbytes AdamW instead of torch's fused one).
+  c-steps (SFT)  c with tokens_per_step='auto' (~24k real tokens an optimizer step: fewer, larger steps, so its
+     loss at equal tokens is not the recipe's; shown for the speed alone).
   c-lowmem (SFT)  c in the memory-saving mode: gradient_checkpointing=true, activation_offloading=true
      (which keeps the paged optimizer).
   c-compile (SFT, only with --with-compile)  c with torch_compile=true.
@@ -28,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -200,6 +205,13 @@ def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: i
     return meter.result()
 
 
+def fresh_dir(out: Path) -> Path:
+    """An empty run folder: a stage finds a finished run's checkpoints in its folder and would train 0 steps."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
+
+
 def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
     """The project's stage function, in-process, with the meter added to its callbacks."""
     import pipeline.dpo as dpo_mod
@@ -207,7 +219,7 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
     from pipeline.events import EventLog, read_events
     from pipeline.specs import DPOSpec, SFTSpec
 
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_dir(out)
     meter = make_meter(cfg.seconds)
     module = sft_mod if stage == "sft" else dpo_mod
     original = module.make_callback
@@ -255,7 +267,13 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
 
 
 def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
-    """torch.profiler over a few steps of the project's SFT stage: top kernels by device time."""
+    """Where a step of the project's SFT stage goes, in three phases of `steps` steps after warm-up:
+    plain (wall time per step), torch.profiler (top ops by device time and by self CPU time), and cProfile
+    (the Python functions: a CPU-bound step shows here where its launch time is spent)."""
+    import cProfile
+    import io
+    import pstats
+
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -266,27 +284,48 @@ def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, record_shapes=False)
-    state = {"n": 0, "on": False}
+    py_prof = cProfile.Profile()
+    phases = ["plain", "torch", "cprofile"]
+    state = {"phase": None, "n": 0, "t0": 0.0, "plain_ms": None}
+
+    def begin(phase: str) -> None:
+        _sync()
+        state.update(phase=phase, n=0, t0=time.perf_counter())
+        if phase == "torch":
+            prof.__enter__()
+        elif phase == "cprofile":
+            py_prof.enable()
+
+    def end(phase: str) -> None:
+        _sync()
+        if phase == "plain":
+            state["plain_ms"] = (time.perf_counter() - state["t0"]) * 1000 / steps
+        elif phase == "torch":
+            prof.__exit__(None, None, None)
+        else:
+            py_prof.disable()
 
     class Prof(TrainerCallback):
         def on_step_begin(self, args, st, control, **kwargs):
-            if st.global_step == WARMUP_STEPS and not state["on"]:
-                _sync()
-                prof.__enter__()
-                state["on"] = True
+            if st.global_step == WARMUP_STEPS and state["phase"] is None:
+                begin("plain")
 
         def on_step_end(self, args, st, control, **kwargs):
-            if state["on"]:
+            phase = state["phase"]
+            if phase in phases:
                 state["n"] += 1
                 if state["n"] >= steps:
-                    _sync()
-                    prof.__exit__(None, None, None)
-                    state["on"] = False
-                    control.should_training_stop = True
+                    end(phase)
+                    following = phases[phases.index(phase) + 1:]
+                    if following:
+                        begin(following[0])
+                    else:
+                        state["phase"] = "done"
+                        control.should_training_stop = True
 
     original = sft_mod.make_callback
     sft_mod.make_callback = lambda log, summary: Both(original(log, summary), Prof())
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_dir(out)
     spec = SFTSpec(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
                    eval_prompts={"prompts": [], "max_new_tokens": 1}, training=dict(training, save_steps=10_000_000))
     log = EventLog(out / "events.jsonl")
@@ -295,14 +334,27 @@ def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3)
     finally:
         sft_mod.make_callback = original
         log.close()
-    averages = prof.key_averages()
-    for key in (("self_device_time_total", "self_cuda_time_total") if torch.cuda.is_available() else ()) + ("self_cpu_time_total",):
-        try:
-            table = averages.table(sort_by=key, row_limit=25, max_name_column_width=60)
-            break
-        except Exception:  # older torch names the column self_cuda_time_total
-            continue
-    return f"top ops over {steps} steps of the project's SFT stage (sorted by {key}):\n{table}"
+    stopped_in = state["phase"]
+    sections = [f"{steps} steps per phase of the project's SFT stage"]
+    if stopped_in in phases:  # the data ran out first: report what ran
+        end(stopped_in)
+        sections[0] += f" (the data ran out in phase {stopped_in}: that phase has fewer steps)"
+    if state["plain_ms"] is not None:
+        sections[0] += f"; without a profiler: {state['plain_ms']:.1f} ms per step"
+    ran = phases if stopped_in == "done" else phases[: phases.index(stopped_in) + 1] if stopped_in in phases else []
+    sort_keys = ("self_device_time_total", "self_cpu_time_total") if torch.cuda.is_available() else ("self_cpu_time_total",)
+    for key in sort_keys if "torch" in ran else ():
+        sections.append(f"torch.profiler, top ops by {key}:\n"
+                        f"{prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)}")
+    for key in ("tottime", "cumulative") if "cprofile" in ran else ():
+        text = io.StringIO()
+        pstats.Stats(py_prof, stream=text).sort_stats(key).print_stats(35)
+        sections.append(f"cProfile, top Python functions by {key}:\n{text.getvalue()}")
+    if "cprofile" in ran:  # who walks the module tree every step (named_modules showed ~200k calls in 3 steps)
+        text = io.StringIO()
+        pstats.Stats(py_prof, stream=text).print_callers(r"_named_members|\(train\)")
+        sections.append(f"cProfile, callers of the module-tree walks:\n{text.getvalue()}")
+    return "\n\n".join(sections)
 
 
 # ---------------------------------------------------------------- main
@@ -331,6 +383,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--budget-s", type=float, default=330, help="skip remaining runs once this much wall time is spent")
     ap.add_argument("--with-compile", action="store_true", help="also run c with torch_compile=true (SFT)")
     ap.add_argument("--only", choices=["sft", "dpo"], default=None)
+    ap.add_argument("--runs", default=None, help="comma list of the runs to do (e.g. c,c-compile); default all")
     ap.add_argument("--profile", action="store_true", help="also profile a few steps of the project's SFT stage")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     cfg = ap.parse_args(argv)
@@ -386,7 +439,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
     if cfg.smoke:
         # tokens_per_step 'auto' is off on a CPU: name a budget so the smoke run goes through token-budget steps.
-        fast_sft["tokens_per_step"] = fast_dpo["tokens_per_step"] = 4096
+        fast_dpo["tokens_per_step"] = 4096
     # Liger patches transformers' Llama classes for the whole process: every plain-HF baseline runs
     # before the first run that may apply it.
     sft_on, dpo_on = cfg.only in (None, "sft"), cfg.only in (None, "dpo")
@@ -402,14 +455,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("dpo", "b", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_b", batch=8, accumulation=1, max_length=dpo_len), None),
         ]
     if sft_on:
+        # Liger's Triton kernels compile for each new packed shape in the first project run of a process:
+        # an untimed warm-up run takes that cost, else whichever c variant runs first pays it.
+        plan.append(("sft", "c-warmup", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_warmup", fast_sft),
+                     None))
         plan.append(("sft", "c", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c", fast_sft),
                      lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c2", dict(fast_sft, use_liger_kernel=False))))
     if dpo_on:
         plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
                      lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
     if sft_on:
-        prev = dict(fast_sft, fused_optimizer=False, tokens_per_step=0)
-        plan.append(("sft", "c-prev", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_prev", prev), None))
+        dequantized = dict(fast_sft, dequantized_base=True)
+        plan.append(("sft", "c-dequantized", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_dequantized",
+                                                                dequantized), None))
+        paged = dict(fast_sft, fused_optimizer=False)
+        plan.append(("sft", "c-paged", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_paged", paged), None))
+        steps = dict(fast_sft, tokens_per_step="auto" if not cfg.smoke else 4096)
+        plan.append(("sft", "c-steps", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_steps", steps), None))
         lowmem = dict(fast_sft, gradient_checkpointing=True, activation_offloading=True)
         plan.append(("sft", "c-lowmem", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem", lowmem),
                      lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem2",
@@ -417,6 +479,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if sft_on and cfg.with_compile:
         plan.append(("sft", "c-compile", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_compile",
                                                           dict(fast_sft, torch_compile=True)), None))
+    if cfg.runs:
+        wanted = set(cfg.runs.split(","))
+        plan = [entry for entry in plan if entry[1] in wanted]
     for stage, name, fn, fallback in plan:
         if not left():
             results[stage]["runs"][name] = {"skipped": "over --budget-s"}
@@ -433,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 v["loss_at_T"] = loss_at(v["curve"], common)
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
-        for num in ("c", "c-prev", "c-lowmem", "c-compile"):
+        for num in ("c", "c-dequantized", "c-paged", "c-steps", "c-lowmem", "c-compile"):
             for den in ("a", "b"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)

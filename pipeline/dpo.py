@@ -104,6 +104,8 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         callbacks=[make_callback(log, summary)],
     )
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
+    if levers.dequantized_base:
+        fast.dequantize_base(trainer.model)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
     # Right-padded batches need no attention mask under causal attention (TRL's DPO padding-free is disabled).

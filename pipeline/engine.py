@@ -15,8 +15,10 @@ Layout and flow (one background thread owns the GPU work):
   holds one slot (row) from prefill to finish; finished rows are refilled by waiting requests
   between decode chunks, and the highest busy row is moved into holes, so the running batch stays
   dense (continuous batching).
-- Prefill: the new requests, right-padded to one length, in one eager forward (causal SDPA);
-  it writes their K/V rows and samples their first token on the GPU.
+- Prefill: the new requests, right-padded to one length, in one forward (causal SDPA); it writes
+  their K/V rows and samples their first token on the GPU. A lone request (the common case for an
+  agent) replays a CUDA graph of its prompt-length bucket (16, 32, 64, ...): eager, the prefill's
+  ~20 launches a layer took longer than the GPU work.
 - Decode: one step = embed -> 22 layers -> logits -> sampling -> next input, all on the GPU, with
   the state (input token, position) kept in static buffers the step itself advances. On CUDA each
   (batch size, context bucket, greedy|sampling) is captured once in a CUDA graph and replayed; the
@@ -24,8 +26,8 @@ Layout and flow (one background thread owns the GPU work):
   only the first `bucket` positions of the cache (256, 512, 1024, ...).
 - Kernels per step (compile_mode, a fallback chain recorded in `info`): "layer" compiles each decode
   layer whole with inductor (fullgraph; residual add fused into the next RMSNorm, RoPE with the K/V
-  write, attention as fp32 multiply-and-sum reductions, SiLU*mul) and the head, and captures those in
-  the graphs above; at batch 1 a second variant with the projections as Triton reductions (GEMV) is
+  write, SiLU*mul; attention as fp32 multiply-and-sum reductions at batch 1, SDPA above) and the head,
+  and captures those in the graphs above; at batch 1 a second variant with the projections as Triton reductions (GEMV) is
   timed against cuBLAS and the faster kept (`info["batch1_gemv"]`). If compiling or capturing fails:
   "helpers" (compiled RMSNorm/RoPE/SiLU*mul, SDPA attention), then "none" (eager).
 - The host never waits per token: `chunk` steps are launched back to back, their tokens copied to
@@ -438,6 +440,11 @@ class Engine:
         self.capture_sizes = sorted({s for s in (1, 2, 4, 8, *range(16, S + 1, 8)) if s <= S} | {S})
         self.buckets = sorted({b for b in (256 * 2**i for i in range(16)) if b < M} | {M})
         self._graphs: dict[tuple, object] = {}
+        # Batch-1 prefill graphs per prompt-length bucket: (graph, ids, length, row, logits) static tensors.
+        # Eager prefill launches ~20 kernels a layer from Python (~17 ms for 64 tokens on an H200, more than
+        # a tenth of a 256-token answer); replayed, it costs about its GPU time.
+        self.prefill_buckets = [b for b in (16 * 2**i for i in range(16)) if b < M] + [M]
+        self._prefill_graphs: dict[int, tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(dev) if on_cuda else None
 
@@ -466,6 +473,8 @@ class Engine:
         if batch1_gemv is None:
             batch1_gemv = os.environ.get("TINYLLAMA_MCP_ENGINE_GEMV", "1") != "0" and self.use_graphs
         self._b1_fns = None  # compiled (layer, head) with GEMV-as-reduction projections, for batch 1
+        self._layer_b1 = None  # the compiled layer for batch 1 with cuBLAS projections, when it differs
+        self._attn_one: Optional[str] = None  # batch-1 attention of the compiled layers
         self._b1_choice: Optional[str] = None  # "gemv" or "mm", decided by timing the first batch-1 graph
         self._rms, self._rope, self._silu_mul = _rms_norm, _rope, _silu_mul
         self._set_eager_step()
@@ -602,8 +611,13 @@ class Engine:
         self.info["attention"] = attn
 
     def _try_compile_layer(self) -> None:
-        """Compile the decode layer and head whole; check them against the eager functions on one layer."""
-        attn = self._attn_pref or "reduce"
+        """Compile the decode layer and head whole; check them against the eager functions on one layer.
+
+        Attention differs by batch size (unless TINYLLAMA_MCP_ENGINE_ATTENTION names one): "reduce" at batch 1,
+        where SDPA's kernels leave most of the GPU idle, and SDPA above, where it is the faster one.
+        """
+        attn_one = self._attn_pref or "reduce"
+        attn_many = self._attn_pref or "sdpa"
         try:
             import torch._dynamo
 
@@ -611,46 +625,59 @@ class Engine:
             for name, val in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512)):
                 if hasattr(cfg, name):
                     setattr(cfg, name, max(getattr(cfg, name), val))
-            eager_layer = _make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, attn)
-            # dynamic=None: the first shapes (batch 1, first bucket) compile static; when the bucket, then the
-            # batch size change, it recompiles once each with those dims symbolic (batch 1 keeps its own code).
-            opts = {"coordinate_descent_tuning": True}  # as gpt-fast: tunes the reductions' block sizes
-            layer = torch.compile(eager_layer, fullgraph=True, dynamic=None, options=opts)
-            head = torch.compile(_make_head(self.eps), fullgraph=True, dynamic=None, options=opts)
-            dev, dt = self.device, self.dtype
-            b, lb = 1, self.buckets[0]
-            # Test inputs made as the decode step makes them (inference tensors or not), so that the code compiled
-            # here is the code decode reuses (a dispatch-key mismatch would recompile).
-            gen = torch.Generator(device=dev).manual_seed(0)
-            pos = torch.full((b,), 5, device=dev, dtype=torch.long)
+            head = self._compiled(_make_head(self.eps))
+            layer_one, check = self._compile_checked_layer(attn_one, 1)
+            x, d, args, ref, kc0, vc0 = check
+            hp = dict(temp=self.temp_buf[:1], top_p=self.top_p_buf[:1], seed=self.seed_buf[:1], pos=args[-1])
             with torch.inference_mode():
-                x = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen)
-                d = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen) * 0.1
-                cos, sin = self.cos[pos].view(b, 1, -1), self.sin[pos].view(b, 1, -1)
-                mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
-            # scratch caches: the real ones stay untouched
-            kc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
-            vc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
-            kc0, vc0 = kc.clone(), vc.clone()
-            kc2, vc2 = kc.clone(), vc.clone()
-            args = (cos, sin, self._bucket_dynamic(mask), self.rows[:b], self.heads, pos)
-            with torch.inference_mode():
-                ref = eager_layer(x, d, *args, kc, vc, *self.w.layers[0])
-                got = layer(x, d, *args, kc2, vc2, *self.w.layers[0])
-                self._check_close(ref + (kc, vc), got + (kc2, vc2), "compiled decode layer")
-                hp = dict(temp=self.temp_buf[:b], top_p=self.top_p_buf[:b], seed=self.seed_buf[:b], pos=pos)
                 t_ref = _make_head(self.eps)(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
                 t_got = head(ref[0], ref[1], self.w.norm, self.w.lm_head, sampling=False, **hp)
-                if t_ref.shape != t_got.shape:
-                    raise RuntimeError("compiled head returned a wrong shape")
-            self._layer_fn, self._head_fn = layer, head
+            if t_ref.shape != t_got.shape:
+                raise RuntimeError("compiled head returned a wrong shape")
+            # Checked at batch 2, so batch 1 keeps its own specialised code.
+            layer_many = layer_one if attn_many == attn_one else self._compile_checked_layer(attn_many, 2)[0]
+            self._layer_fn, self._layer_b1, self._head_fn = layer_many, layer_one, head
             self.info["compile_mode"] = "layer"
-            self.info["attention"] = attn
+            self.info["attention"] = attn_one if attn_one == attn_many else f"{attn_one} at batch 1, {attn_many} above"
+            self._attn_one = attn_one
             self._check = (x, d, args, ref, hp, kc0, vc0)
         except Exception as exc:
             log.warning("engine: compiling the decode layer failed, falling back to %s: %r",
                         self.info["compile_mode"], exc)
             self.info["layer_compile_error"] = repr(exc)[:800]
+
+    @staticmethod
+    def _compiled(fn):
+        # dynamic=None: the first shapes (e.g. batch 1, first bucket) compile static; when the bucket, then the
+        # batch size change, it recompiles once each with those dims symbolic.
+        # coordinate_descent_tuning: as gpt-fast, tunes the reductions' block sizes.
+        return torch.compile(fn, fullgraph=True, dynamic=None, options={"coordinate_descent_tuning": True})
+
+    def _compile_checked_layer(self, attn: str, b: int):
+        """A compiled decode layer, checked against its eager twin at batch b on layer 0's weights."""
+        eager_layer = _make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, attn)
+        layer = self._compiled(eager_layer)
+        dev, dt, lb = self.device, self.dtype, self.buckets[0]
+        # Test inputs made as the decode step makes them (inference tensors or not), so that the code compiled
+        # here is the code decode reuses (a dispatch-key mismatch would recompile).
+        gen = torch.Generator(device=dev).manual_seed(0)
+        pos = torch.full((b,), 5, device=dev, dtype=torch.long)
+        with torch.inference_mode():
+            x = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen)
+            d = torch.randn(b, self.hidden, device=dev, dtype=dt, generator=gen) * 0.1
+            cos, sin = self.cos[pos].view(b, 1, -1), self.sin[pos].view(b, 1, -1)
+            mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
+        # scratch caches: the real ones stay untouched
+        kc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
+        vc = torch.randn(self.k_cache.shape[1:], device=dev, dtype=dt, generator=gen)
+        kc0, vc0 = kc.clone(), vc.clone()
+        kc2, vc2 = kc.clone(), vc.clone()
+        args = (cos, sin, self._bucket_dynamic(mask), self.rows[:b], self.heads, pos)
+        with torch.inference_mode():
+            ref = eager_layer(x, d, *args, kc, vc, *self.w.layers[0])
+            got = layer(x, d, *args, kc2, vc2, *self.w.layers[0])
+        self._check_close(ref + (kc, vc), got + (kc2, vc2), f"compiled decode layer ({attn}, batch {b})")
+        return layer, (x, d, args, ref, kc0, vc0)
 
     @staticmethod
     def _check_close(refs, gots, what: str) -> None:
@@ -676,11 +703,9 @@ class Engine:
         """The batch-1 variant whose projections are Triton reductions; used if its graph times faster."""
         try:
             x, d, args, ref, hp, kc, vc = self._check
-            layer = torch.compile(_make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, self.info["attention"],
-                                              gemv=True), fullgraph=True, dynamic=None,
-                                  options={"coordinate_descent_tuning": True})
-            head = torch.compile(_make_head(self.eps, gemv=True), fullgraph=True, dynamic=None,
-                                 options={"coordinate_descent_tuning": True})
+            layer = self._compiled(_make_layer(self.n_heads, self.n_kv, self.head_dim, self.eps, self._attn_one,
+                                               gemv=True))
+            head = self._compiled(_make_head(self.eps, gemv=True))
             with torch.inference_mode():
                 got = layer(x, d, *args, kc, vc, *self.w.layers[0])
                 self._check_close(ref, got, "compiled batch-1 GEMV decode layer")
@@ -748,6 +773,8 @@ class Engine:
         layer, head = self._layer_fn, self._head_fn
         if b == 1 and self._b1_choice == "gemv" and self._b1_fns is not None:
             layer, head = self._b1_fns
+        elif b == 1 and self._layer_b1 is not None:
+            layer = self._layer_b1
         for li, ws in enumerate(self.w.layers):
             x, d = layer(x, d, *args, self.k_cache[li], self.v_cache[li], *ws)
         return head(x, d, self.w.norm, self.w.lm_head, self.temp_buf[:b], self.top_p_buf[:b],
@@ -789,7 +816,7 @@ class Engine:
                     self.info["graph_error"] = f"synchronize after a failed capture: {sync_exc!r}"[:500]
                     raise
                 self._set_eager_step()
-                self._b1_fns, self._b1_choice = None, None
+                self._b1_fns, self._b1_choice, self._layer_b1 = None, None, None
                 self.info["compile_mode"] = "helpers" if self.info["compiled_helpers"] else "none"
                 self._pool = torch.cuda.graph_pool_handle()
                 return self._graph(b, lb, sampling)
@@ -942,13 +969,15 @@ class Engine:
             t = torch.tensor(data, dtype=dtype)
             return t.pin_memory().to(dev, non_blocking=True) if pin else t
 
-        ids = h2d([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], torch.long)
         lengths = h2d([len(r.prompt) for r in reqs], torch.long)
         rows = h2d([r.slot for r in reqs], torch.long)
         temp = h2d([float(r.params.temperature) for r in reqs], torch.float32)
         top_p = h2d([float(r.params.top_p) for r in reqs], torch.float32)
         seed = h2d([r.seed for r in reqs], torch.long)
-        logits = self._prefill_forward(ids, lengths, rows)
+        logits = self._prefill_graphed(reqs[0], h2d) if len(reqs) == 1 and self.use_graphs else None
+        if logits is None:
+            ids = h2d([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], torch.long)
+            logits = self._prefill_forward(ids, lengths, rows)
         first = _pick(logits, temp, top_p, seed, lengths, sampling=any(r.params.temperature > 0 for r in reqs))
         self.tok_buf[rows] = first
         self.pos_buf[rows] = lengths
@@ -960,6 +989,48 @@ class Engine:
             r.fresh = True
             r.planned = 1
         self.stats["prefills"] += 1
+
+    def _prefill_graphed(self, req: _Request, h2d) -> Optional[torch.Tensor]:
+        """One prompt's prefill replayed from a CUDA graph of its length bucket (right-padded: causal attention
+        keeps the pads out of the real tokens, and decode overwrites their K/V before attending to them).
+        None where no graph can run: the caller prefills eagerly."""
+        T = len(req.prompt)
+        bucket = next((b for b in self.prefill_buckets if b >= T), None)
+        if bucket is None or self.info.get("prefill_graph_error"):
+            return None
+        entry = self._prefill_graphs.get(bucket)
+        if entry is None:
+            try:
+                entry = self._prefill_graphs[bucket] = self._capture_prefill(bucket, req.slot)
+            except Exception as exc:
+                log.warning("engine: capturing the batch-1 prefill failed, prefilling eagerly: %r", exc)
+                self.info["prefill_graph_error"] = repr(exc)[:500]
+                torch.cuda.synchronize(self.device)
+                return None
+        graph, ids, length, row, logits = entry
+        ids.zero_()
+        ids[0, :T].copy_(h2d([req.prompt], torch.long)[0])
+        length.fill_(T)
+        row.fill_(req.slot)
+        graph.replay()
+        return logits
+
+    def _capture_prefill(self, bucket: int, slot: int) -> tuple:
+        """Capture at `slot`, the slot about to be prefilled: the warm-up runs write its cache rows, no other's."""
+        dev = self.device
+        ids = torch.zeros(1, bucket, dtype=torch.long, device=dev)
+        length = torch.full((1,), bucket, dtype=torch.long, device=dev)
+        row = torch.full((1,), slot, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # compiles the helpers for this shape outside the capture
+                self._prefill_forward(ids, length, row)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self._prefill_forward(ids, length, row)
+        return graph, ids, length, row, logits
 
     def _launch(self):
         """Queue `chunk` decode steps for the busy rows; return what _process needs to read them back."""

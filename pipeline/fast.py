@@ -15,6 +15,8 @@
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
   bitsandbytes AdamW on CUDA.
 - `torch_compile`: TrainingArguments.torch_compile (off by default).
+- `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
+  and used by plain F.linear: the same model, fewer launches per step, ~2 bytes a base weight of memory.
 - `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real
   tokens; max_steps and save_steps are divided by k (the same sequences are trained), the schedule keeps its
   shape over the fewer steps.
@@ -35,6 +37,7 @@ PACK_ROW_TOKENS = 2048  # SFT packed rows hold at least this many tokens (attent
 FREE_MEMORY_SHARE = 0.85  # leave room for the allocator's fragmentation and the optimizer states
 AUTO_TOKENS_PER_STEP = 24576  # 'auto' on CUDA: ~4x the recipe's ~5.5k real tokens a step on chat data
 FUSABLE_OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch")  # fp32-state AdamW: the same math as adamw_torch_fused
+DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes the base when its 16-bit copy takes under this share of free memory
 
 
 def fused_optimizer_ok() -> bool:
@@ -52,6 +55,7 @@ class Levers:
     activation_offloading: bool = False
     precompute_ref_log_probs: bool = False
     torch_compile: bool = False
+    dequantized_base: bool = False
     batch_size: int = 1  # micro-batch the Trainer runs (accumulation fused in when it fits max_tokens_per_batch)
     accumulation: int = 1
     optim: str = "adamw_torch"  # the optimizer the Trainer really runs
@@ -77,6 +81,7 @@ class Levers:
             "activation_offloading": self.activation_offloading,
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
             "torch_compile": self.torch_compile,
+            "dequantized_base": self.dequantized_base,
             "optim": self.optim,
             "master_weights_fp32": self.master_fp32,
             "tokens_per_step": self.tokens_per_step,
@@ -105,6 +110,15 @@ def activation_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     size = torch.finfo(dtype).bits // 8
     per_layer = ACT_HIDDEN_FACTOR * config.hidden_size + ACT_INTERMEDIATE_FACTOR * config.intermediate_size
     return tokens * config.num_hidden_layers * per_layer * size
+
+
+def projection_weights(config) -> int:
+    """Weights of the 7 linear projections of every decoder layer (what NF4 quantizes)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * (config.num_attention_heads * head_dim + 2 * kv) + config.num_attention_heads * head_dim * hidden
+    return config.num_hidden_layers * (per_layer + 3 * hidden * inter)
 
 
 def free_memory_bytes() -> Optional[int]:
@@ -177,11 +191,27 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
             lv.notes.append(f"fused_optimizer skipped: memory-saving mode keeps {t.optim} (states paged)")
         else:
             lv.optim, lv.master_fp32 = "adamw_torch_fused", True
+    # Dequantized base weights (first: their memory is no longer free for activations).
+    copy_bytes = projection_weights(model_config) * (torch.finfo(dtype).bits // 8)
+    free = free_memory_bytes()
+    if t.dequantized_base == "auto":
+        # off on a CPU (bitsandbytes' CPU path is not launch-bound), and in the memory-saving mode
+        lv.dequantized_base = (free is not None and not lv.activation_offloading
+                               and copy_bytes < DEQUANTIZED_BASE_SHARE * free)
+        if free is not None:
+            lv.notes.append(
+                f"dequantized_base auto -> {lv.dequantized_base} ({copy_bytes / 2**30:.1f} GiB of 16-bit base "
+                f"weights, free {free / 2**30:.1f} GiB{', memory-saving mode' if lv.activation_offloading else ''})"
+            )
+    else:
+        lv.dequantized_base = bool(t.dequantized_base)
+    if lv.dequantized_base and free is not None:
+        free -= copy_bytes
+
     # Tokens in one micro-batch at most.
     tokens = lv.batch_size * per_sequence
     if t.gradient_checkpointing == "auto":
         need = activation_bytes(model_config, tokens, dtype)
-        free = free_memory_bytes()
         if free is None:
             # CPU: memory is the host's; the tiny and small models this runs on fit, so skip the recompute.
             lv.gradient_checkpointing = need > 4 * 2**30
@@ -218,6 +248,38 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         else:
             lv.precompute_ref_log_probs = bool(t.precompute_ref_log_probs)
     return lv
+
+
+# ---------------------------------------------------------------- NF4 base weights dequantized once
+
+
+def dequantize_base(model) -> int:
+    """Give every bitsandbytes 4-bit linear a 16-bit copy of its weight, dequantized once, and a forward that
+    multiplies with it. bitsandbytes' own training path dequantizes the weight to the input's dtype and calls
+    F.linear, forward and backward, every time: the copy holds those same values, so outputs and gradients are
+    unchanged while ~4 bitsandbytes calls (and their Python) per layer and step go away.
+
+    The copy is a plain attribute, not a buffer: checkpoints, adapters and merges never see it; the NF4
+    weights stay where they were. Returns the bytes the copies take (0: no 4-bit layers).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "dequantized_weight"):
+            state = module.weight.quant_state
+            weight = bnbf.dequantize_4bit(module.weight.data, state).to(module.compute_dtype or state.dtype)
+            module.dequantized_weight = weight
+            module.forward = _dequantized_forward.__get__(module)  # this module only
+            total += weight.numel() * weight.element_size()
+    return total
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self.dequantized_weight
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 # ---------------------------------------------------------------- SFT: packed rows, no attention mask

@@ -50,6 +50,8 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         callbacks=[make_callback(log, summary)],
     )
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
+    if levers.dequantized_base:
+        fast.dequantize_base(trainer.model)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     training.run_trainer(trainer, job_dir, log, training.start_fields("sft", effective, len(train_rows), levers))
     return training.finish(

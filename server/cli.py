@@ -66,33 +66,69 @@ def main(argv: Optional[list[str]] = None) -> int:
     raise AssertionError(command)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _load_server_stack():
+    """Import the MCP SDK and the server modules, and read the settings (the slow part of a start)."""
     import gc
 
     # The MCP SDK builds hundreds of pydantic models at import; the cyclic garbage collector finds
     # nothing to free meanwhile but costs about a tenth of the start-up a host waits for.
     gc.disable()
-    import anyio
+    try:
+        import anyio  # noqa: F401
 
-    from server.errors import UserError
-    from server.runtime import Runtime
-    from server.settings import load_settings
-    from server.transports import check_bind, serve_http, serve_stdio
+        import server.runtime  # noqa: F401
+        import server.transports  # noqa: F401
+        from server.settings import load_settings
+    finally:
+        gc.enable()
+    return load_settings()
 
-    gc.enable()
 
-    settings = load_settings()
+def _serve(args: argparse.Namespace) -> int:
     transport = getattr(args, "transport", "stdio")
     run_worker = False if getattr(args, "no_worker", False) else None
+    if transport == "stdio":
+        return _serve_stdio(run_worker)
+    from server.errors import UserError
+
     try:
-        if transport != "stdio":
-            check_bind(args.host, settings.token.get_secret_value() if settings.token else None)
-        runtime = Runtime(settings, run_worker=run_worker)
-        if transport == "stdio":
-            anyio.run(serve_stdio, runtime)
-        else:
-            anyio.run(serve_http, runtime, transport, args.host, args.port)
+        settings = _load_server_stack()
+        import anyio
+
+        from server.runtime import Runtime
+        from server.transports import check_bind, serve_http
+
+        check_bind(args.host, settings.token.get_secret_value() if settings.token else None)
+        anyio.run(serve_http, Runtime(settings, run_worker=run_worker), transport, args.host, args.port)
     except UserError as exc:
+        print(f"tinyllama-mcp: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve_stdio(run_worker: Optional[bool]) -> int:
+    """Over stdio the handshake is answered from the cache while the SDK loads (server/stdio_front.py)."""
+    from server.home import home_from_environment
+    from server.stdio_front import CACHE_NAME, HandshakeCache, StdioFront, claim_stdio, fingerprint
+
+    wire_in, wire_out = claim_stdio()
+    cache = HandshakeCache(home_from_environment() / CACHE_NAME, fingerprint())
+    front = StdioFront(wire_in, wire_out, cache)
+    front.start_reader()
+    front.load_in_background(_load_server_stack)
+    try:
+        settings = front.serve_until_ready()
+        import anyio
+
+        from server.runtime import Runtime
+        from server.transports import serve_stdio
+
+        anyio.run(serve_stdio, Runtime(settings, run_worker=run_worker), front)
+    except Exception as exc:
+        from server.errors import UserError  # not before: pydantic would hold up the early answers
+
+        if not isinstance(exc, UserError):
+            raise
         print(f"tinyllama-mcp: {exc}", file=sys.stderr)
         return 2
     return 0

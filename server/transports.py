@@ -23,6 +23,7 @@ import anyio
 
 from server.app import build_server
 from server.runtime import Runtime
+from server.stdio_front import StdioFront
 from server.errors import UserError
 
 log = logging.getLogger("tinyllama_mcp")
@@ -142,11 +143,17 @@ async def _exit_on_signals(runtime: Runtime) -> None:
             os._exit(0)
 
 
-async def serve_stdio(runtime: Runtime) -> None:
+async def serve_stdio(runtime: Runtime, front: StdioFront) -> None:
+    """The SDK serves the connection that `front` holds (and may have answered the handshake of)."""
+    from mcp.server.stdio import stdio_server
+
     server = build_server(runtime)
+    lowlevel = server._lowlevel_server  # MCPServer.run_stdio_async reads the process's own stdin
     async with runtime.running(), anyio.create_task_group() as group:
         group.start_soon(_exit_on_signals, runtime)
-        await server.run_stdio_async()  # returns when the host closes our stdin
+        async with stdio_server(front.source(), front.sink()) as (read_stream, write_stream):
+            # returns when the host closes our stdin
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
         group.cancel_scope.cancel()
 
 

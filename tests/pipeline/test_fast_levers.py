@@ -276,9 +276,9 @@ def test_left_padding_mask_is_kept(demo_model):
 # ---------------------------------------------------------------- end to end through the stages
 
 OFF = dict(padding_free=False, max_tokens_per_batch=0, gradient_checkpointing=True, use_liger_kernel=False,
-           precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0)
+           precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0, dequantized_base=False)
 ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing="auto", use_liger_kernel=True,
-          precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto")
+          precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto", dequantized_base="auto")
 
 
 def _steps(job_dir: Path) -> list[dict]:
@@ -364,6 +364,49 @@ def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
     for a, b in zip(off, on):  # step 2's loss is after one optimizer update
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+
+
+def test_dequantized_base_is_the_same_model(tiny_demo):
+    """NF4 weights dequantized once: the same outputs and LoRA gradients as bitsandbytes' per-call path."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import modeling
+    from pipeline.specs import QuantSpec
+
+    def model_and_grads(dequantized: bool):
+        torch.manual_seed(0)
+        base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"), torch.float32)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                init_lora_weights=False))
+        if dequantized:
+            assert fast.dequantize_base(model) > 0
+            assert not any("dequantized" in name for name in model.state_dict())  # never saved
+        ids = torch.arange(3, 40).view(1, -1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads
+
+    loss_off, grads_off = model_and_grads(False)
+    loss_on, grads_on = model_and_grads(True)
+    assert math.isclose(loss_off, loss_on, rel_tol=1e-6), (loss_off, loss_on)
+    assert grads_off.keys() == grads_on.keys() and grads_off
+    for name in grads_off:
+        assert torch.allclose(grads_off[name], grads_on[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_dequantized_base_auto_needs_cuda_memory_and_not_the_saving_mode(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    assert fast.resolve(TrainingSpec(), "sft", config, torch.float32, rows=10).dequantized_base is False  # CPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)  # as on a GPU with room
+    assert fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10).dequantized_base is True
+    saving = fast.resolve(TrainingSpec(activation_offloading=True, gradient_checkpointing=True), "sft", config,
+                          torch.bfloat16, rows=10)
+    assert saving.dequantized_base is False
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 1024)  # no room
+    assert fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10).dequantized_base is False
 
 
 def test_sft_token_budget_step_equals_the_bigger_recipe_step(tmp_path):

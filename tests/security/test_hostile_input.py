@@ -10,7 +10,6 @@ wrapper, which means an exception escaped), and the server must keep answering s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

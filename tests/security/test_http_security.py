@@ -93,7 +93,7 @@ def test_foreign_origins_are_rejected(server, origin):
 def test_loopback_origins_and_hosts_are_served(server):
     url, port = server
     with httpx2.Client(timeout=10) as http:
-        for extra in ({"Origin": f"http://127.0.0.1:{port}"}, {"Host": f"localhost:{port}"}, {"Origin": f"https://localhost"}):
+        for extra in ({"Origin": f"http://127.0.0.1:{port}"}, {"Host": f"localhost:{port}"}, {"Origin": "https://localhost"}):
             response = http.post(url, json=INITIALIZE, headers={**MCP_HEADERS, **AUTH, **extra})
             assert response.status_code == 200, (extra, response.text)
 
