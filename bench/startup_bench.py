@@ -5,8 +5,9 @@
 Each run starts the server as a host does (a fresh process, raw JSON-RPC over its stdin/stdout, no SDK
 in the client), sends initialize, notifications/initialized and tools/list, and times the two answers
 from the moment the process was started. Two variants alternate in one home, run for run:
-- "sdk answers": the handshake cache (<home>/handshake.json) is deleted first, so the MCP SDK answers
-  once it has loaded (what every start did before the cache, and what the first start does);
+- "sdk answers": the handshake cache (handshake.json in TINYLLAMA_MCP_CACHE, a scratch folder here) is
+  deleted first, so the MCP SDK answers once it has loaded (what every start did before the cache, and
+  what the first start after an install does);
 - "cache answers": the cache the previous start stored is there, so the answers come while the SDK loads.
 Reports the median and the spread of each, their ratio, and the machine (CPU count, Python).
 """
@@ -31,7 +32,7 @@ INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
 
 def one_start(home: Path) -> tuple[float, float]:
     """Seconds from process start to the initialize answer and to the tools/list answer."""
-    env = {**os.environ, "TINYLLAMA_MCP_HOME": str(home)}
+    env = {**os.environ, "TINYLLAMA_MCP_HOME": str(home), "TINYLLAMA_MCP_CACHE": str(home.parent / "cache")}
     started = time.perf_counter()
     server = subprocess.Popen(["tinyllama-mcp", "serve", "--no-worker"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
@@ -75,7 +76,7 @@ def main() -> int:
         one_start(home)  # creates the home and the queue database, so both variants start alike
         sdk, cached = [], []
         for _ in range(args.runs):
-            (home / "handshake.json").unlink(missing_ok=True)
+            (home.parent / "cache" / "handshake.json").unlink(missing_ok=True)
             sdk.append(one_start(home))  # the SDK answers, and stores its answers
             cached.append(one_start(home))
     result = {

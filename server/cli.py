@@ -108,11 +108,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_stdio(run_worker: Optional[bool]) -> int:
     """Over stdio the handshake is answered from the cache while the SDK loads (server/stdio_front.py)."""
-    from server.home import home_from_environment
+    from pipeline.tiny_demo import cache_dir
     from server.stdio_front import CACHE_NAME, HandshakeCache, StdioFront, claim_stdio, fingerprint
 
     wire_in, wire_out = claim_stdio()
-    cache = HandshakeCache(home_from_environment() / CACHE_NAME, fingerprint())
+    cache = HandshakeCache(cache_dir() / CACHE_NAME, fingerprint())
     front = StdioFront(wire_in, wire_out, cache)
     front.start_reader()
     front.load_in_background(_load_server_stack)

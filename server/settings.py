@@ -8,6 +8,7 @@ read under exactly those names so that one environment serves the recipe's scrip
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,7 +17,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeline.specs import REFERENCE_BASE_MODEL, GenerationSpec
 from server.errors import describe_validation_error
-from server.home import default_home, expand_home
+
+
+def default_home() -> Path:
+    """The per-user data folder (what platformdirs calls user_data_dir), without the dependency."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "tinyllama-mcp"
 
 
 class Settings(BaseSettings):
@@ -100,7 +111,7 @@ class Settings(BaseSettings):
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
-        return expand_home(value)
+        return Path(os.path.expanduser(value)).absolute()
 
     @field_validator("data_roots")
     @classmethod

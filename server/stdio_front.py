@@ -2,17 +2,18 @@
 
 Importing the SDK takes about 1.5 s on a 2-core machine (it builds a pydantic model for every protocol
 type), and a host waits for `initialize` and `tools/list` before it shows the server as ready. Those two
-answers depend only on this package's code and the installed mcp and pydantic, so the SDK's own answers
-are remembered in `<home>/handshake.json`, under a fingerprint of both, per protocol version the
-client asks for. A later start answers from that file within a fraction of a second, with the SDK still
-loading in a thread; then the SDK takes over the connection:
+answers depend only on this package's code and the installed mcp and pydantic, not on the server home,
+so the SDK's own answers are remembered in the user's cache folder (`handshake.json` in
+TINYLLAMA_MCP_CACHE, else ~/.cache/tinyllama-mcp), under a fingerprint of both, for every protocol
+version the SDK speaks (asked of it in memory once it has loaded). A later start answers from that file
+within a fraction of a second, with the SDK still loading in a thread; then the SDK takes over:
 
 - everything the client sent meanwhile is replayed into the SDK in order, so its session state (the
   handshake) is its own. Its answer to the replayed `initialize` is dropped (the client has one already);
 - a `tools/list` answered early is not replayed; every other request waits for the SDK.
 
-Without a matching entry (first start, code or library change, a new protocol version) nothing is answered
-early: the SDK answers, and its answers are stored for the next start. Only the `initialize` handshake is
+Without a matching entry (the first start after an install, a code or library change, a protocol version
+the SDK does not speak) nothing is answered early: the SDK answers, and its answers are stored. Only the `initialize` handshake is
 ever answered early; a client of the 2026 protocol (no handshake) talks to the SDK alone.
 """
 
@@ -114,6 +115,39 @@ class HandshakeCache:
             os.replace(tmp, self.path)  # atomic: servers starting at the same time read a whole file
         except OSError as exc:  # a read-only home only costs start-up speed
             log.debug("could not save the handshake cache %s: %r", self.path, exc)
+
+
+async def remember_every_version(lowlevel, cache: HandshakeCache) -> None:
+    """Ask the loaded SDK, over an in-memory connection, its handshake answers for each protocol version it
+    speaks that the cache lacks, and store them: the next start answers any host early."""
+    import anyio
+    import mcp_types
+    from mcp.shared.message import SessionMessage
+    from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+    for version in HANDSHAKE_PROTOCOL_VERSIONS:
+        if cache.answers(version) is not None:
+            continue
+        client_send, server_read = anyio.create_memory_object_stream(4)
+        server_send, client_read = anyio.create_memory_object_stream(4)
+        messages = [
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "tinyllama-mcp", "version": "0"}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        ]
+        async with anyio.create_task_group() as group:
+            group.start_soon(lowlevel.run, server_read, server_send, lowlevel.create_initialization_options())
+            for message in messages:
+                await client_send.send(SessionMessage(mcp_types.jsonrpc_message_adapter.validate_python(message)))
+                if "id" in message:
+                    answer = (await client_read.receive()).message
+                    # serialized as the stdio transport serializes it
+                    result = json.loads(answer.model_dump_json(by_alias=True, exclude_unset=True)).get("result")
+                    if result is None:
+                        raise RuntimeError(f"the SDK refused the {message['method']} of protocol {version}: {answer}")
+                    cache.store(version, "initialize" if message["id"] == 1 else "tools_list", result)
+            await client_send.aclose()  # the in-memory session ends
 
 
 class StdioFront:

@@ -23,7 +23,7 @@ import anyio
 
 from server.app import build_server
 from server.runtime import Runtime
-from server.stdio_front import StdioFront
+from server.stdio_front import StdioFront, remember_every_version
 from server.errors import UserError
 
 log = logging.getLogger("tinyllama_mcp")
@@ -149,11 +149,24 @@ async def serve_stdio(runtime: Runtime, front: StdioFront) -> None:
 
     server = build_server(runtime)
     lowlevel = server._lowlevel_server  # MCPServer.run_stdio_async reads the process's own stdin
+    remembered = anyio.Event()
+
+    async def remember() -> None:
+        try:
+            await remember_every_version(lowlevel, front.cache)
+        except Exception as exc:  # only the next start's speed depends on it
+            log.warning("could not store the handshake answers for the next start: %r", exc)
+        finally:
+            remembered.set()
+
     async with runtime.running(), anyio.create_task_group() as group:
         group.start_soon(_exit_on_signals, runtime)
+        group.start_soon(remember)
         async with stdio_server(front.source(), front.sink()) as (read_stream, write_stream):
             # returns when the host closes our stdin
             await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        with anyio.move_on_after(5):  # a host that closes at once still leaves the answers stored
+            await remembered.wait()
         group.cancel_scope.cancel()
 
 

@@ -399,14 +399,15 @@ def test_dequantized_base_auto_needs_cuda_memory_and_not_the_saving_mode(tiny_de
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_demo)
-    assert fast.resolve(TrainingSpec(), "sft", config, torch.float32, rows=10).dequantized_base is False  # CPU
+    auto = TrainingSpec(dequantized_base="auto")
+    assert TrainingSpec().dequantized_base is False  # measured no faster: off unless asked for
+    assert fast.resolve(auto, "sft", config, torch.float32, rows=10).dequantized_base is False  # CPU
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)  # as on a GPU with room
-    assert fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10).dequantized_base is True
-    saving = fast.resolve(TrainingSpec(activation_offloading=True, gradient_checkpointing=True), "sft", config,
-                          torch.bfloat16, rows=10)
-    assert saving.dequantized_base is False
+    assert fast.resolve(auto, "sft", config, torch.bfloat16, rows=10).dequantized_base is True
+    saving = auto.model_copy(update={"activation_offloading": True, "gradient_checkpointing": True})
+    assert fast.resolve(saving, "sft", config, torch.bfloat16, rows=10).dequantized_base is False
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 1024)  # no room
-    assert fast.resolve(TrainingSpec(), "sft", config, torch.bfloat16, rows=10).dequantized_base is False
+    assert fast.resolve(auto, "sft", config, torch.bfloat16, rows=10).dequantized_base is False
 
 
 def test_sft_token_budget_step_equals_the_bigger_recipe_step(tmp_path):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from server.stdio_front import CACHE_NAME, HandshakeCache, StdioFront, fingerprint
-from tests.server.support import REPO
+from tests.server.support import REPO, VENV_BIN
 
 VERSION = "2025-06-18"
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
@@ -26,10 +26,11 @@ def line(message: dict) -> bytes:
     return (json.dumps(message) + "\n").encode()
 
 
-def serve_session(home, messages: list[dict]) -> list[dict]:
+def serve_session(home, cache, messages: list[dict]) -> list[dict]:
     """`tinyllama-mcp serve` over stdio: send every message at once, read one answer per request, close."""
-    env = {**os.environ, "TINYLLAMA_MCP_HOME": str(home)}
-    server = subprocess.Popen(["tinyllama-mcp", "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    env = {**os.environ, "TINYLLAMA_MCP_HOME": str(home), "TINYLLAMA_MCP_CACHE": str(cache)}
+    # the venv's script by path: a module-scoped fixture starts servers before clean_env has set PATH
+    server = subprocess.Popen([str(VENV_BIN / "tinyllama-mcp"), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         server.stdin.write(b"".join(line(m) for m in messages))
@@ -46,28 +47,44 @@ def serve_session(home, messages: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """A home whose first start stored the SDK's answers, and those answers."""
-    home = tmp_path_factory.mktemp("home")
-    first = serve_session(home, [INITIALIZE, INITIALIZED, TOOLS_LIST, STATUS])
-    return home, first
+    """A user cache folder whose first server start stored the SDK's answers, and that start's answers."""
+    cache = tmp_path_factory.mktemp("cache")
+    first = serve_session(tmp_path_factory.mktemp("home"), cache, [INITIALIZE, INITIALIZED, TOOLS_LIST, STATUS])
+    return cache, first
 
 
-def test_the_first_start_stores_the_sdks_answers(learned):
-    home, first = learned
-    stored = json.loads((home / CACHE_NAME).read_text())
+def test_the_first_start_stores_the_sdks_answers_for_every_protocol_version(learned):
+    from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+    cache, first = learned
+    stored = json.loads((cache / CACHE_NAME).read_text())
     assert stored["fingerprint"] == fingerprint()
     assert stored["versions"][VERSION] == {"initialize": first[0]["result"], "tools_list": first[1]["result"]}
+    assert sorted(stored["versions"]) == sorted(HANDSHAKE_PROTOCOL_VERSIONS)
+    for version, answers in stored["versions"].items():
+        assert answers["initialize"]["protocolVersion"] == version
+        assert answers["tools_list"] == first[1]["result"]
     assert [tool["name"] for tool in first[1]["result"]["tools"]] == [
         "start_sft", "start_dpo", "merge", "status", "generate", "cancel"]
 
 
-def test_a_later_start_answers_the_same_and_the_sdk_serves_the_rest(learned):
-    home, first = learned
-    again = serve_session(home, [INITIALIZE, INITIALIZED, TOOLS_LIST, STATUS])
+def test_a_later_start_in_another_home_answers_the_same_and_the_sdk_serves_the_rest(learned, tmp_path):
+    cache, first = learned
+    again = serve_session(tmp_path, cache, [INITIALIZE, INITIALIZED, TOOLS_LIST, STATUS])
     by_id = {answer["id"]: answer for answer in again}
     assert sorted(by_id) == [1, 2, 3]  # the SDK's own answer to the replayed initialize was dropped
     assert by_id[1]["result"] == first[0]["result"] and by_id[2]["result"] == first[1]["result"]
     assert by_id[3]["result"]["structuredContent"]["jobs"] == []  # answered by the SDK after it loaded
+
+
+def test_a_host_on_another_protocol_version_gets_that_versions_answers(learned, tmp_path):
+    cache, _ = learned
+    stored = json.loads((cache / CACHE_NAME).read_text())["versions"]
+    version = min(stored)
+    initialize = json.loads(json.dumps(INITIALIZE))
+    initialize["params"]["protocolVersion"] = version
+    answers = serve_session(tmp_path, cache, [initialize, INITIALIZED, TOOLS_LIST])
+    assert [answer["result"] for answer in answers] == [stored[version]["initialize"], stored[version]["tools_list"]]
 
 
 class Wire:
@@ -107,8 +124,8 @@ class Wire:
 
 
 def test_the_handshake_is_answered_before_the_sdk_has_loaded(learned):
-    home, first = learned
-    wire = Wire(HandshakeCache(home / CACHE_NAME, fingerprint()))
+    cache, first = learned
+    wire = Wire(HandshakeCache(cache / CACHE_NAME, fingerprint()))
     ping = {"jsonrpc": "2.0", "id": "p", "method": "ping"}
     wire.send(INITIALIZE, INITIALIZED, TOOLS_LIST, ping)
     assert wire.read() == {"jsonrpc": "2.0", "id": 1, "result": first[0]["result"]}
@@ -125,8 +142,8 @@ def test_the_handshake_is_answered_before_the_sdk_has_loaded(learned):
 
 @pytest.mark.parametrize("case", ["stale fingerprint", "other protocol version", "malformed initialize"])
 def test_nothing_is_answered_early_without_a_matching_entry(learned, case):
-    home, _ = learned
-    cache = HandshakeCache(home / CACHE_NAME, "stale" if case == "stale fingerprint" else fingerprint())
+    folder, _ = learned
+    cache = HandshakeCache(folder / CACHE_NAME, "stale" if case == "stale fingerprint" else fingerprint())
     initialize = json.loads(json.dumps(INITIALIZE))
     if case == "other protocol version":
         initialize["params"]["protocolVersion"] = "2024-11-05-unknown"
@@ -141,7 +158,10 @@ def test_nothing_is_answered_early_without_a_matching_entry(learned, case):
 
 def test_the_sdks_answers_replace_a_stale_cache(tmp_path, learned):
     _, first = learned
-    (tmp_path / CACHE_NAME).write_text(json.dumps({"fingerprint": "from an older install", "versions": {}}))
-    again = serve_session(tmp_path, [INITIALIZE, INITIALIZED, TOOLS_LIST])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = {"fingerprint": "from an older install", "versions": {VERSION: {"initialize": {}, "tools_list": {}}}}
+    (cache / CACHE_NAME).write_text(json.dumps(stale))
+    again = serve_session(tmp_path / "home", cache, [INITIALIZE, INITIALIZED, TOOLS_LIST])
     assert [answer["result"] for answer in again] == [first[0]["result"], first[1]["result"]]
-    assert json.loads((tmp_path / CACHE_NAME).read_text())["fingerprint"] == fingerprint()
+    assert json.loads((cache / CACHE_NAME).read_text())["fingerprint"] == fingerprint()
