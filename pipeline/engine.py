@@ -27,9 +27,9 @@ Layout and flow (one background thread owns the GPU work):
 - Kernels per step (compile_mode, a fallback chain recorded in `info`): "layer" compiles each decode
   layer whole with inductor (fullgraph; residual add fused into the next RMSNorm, RoPE with the K/V
   write, SiLU*mul; attention as fp32 multiply-and-sum reductions at batch 1, SDPA above) and the head,
-  and captures those in the graphs above; at batch 1 a second variant with the projections as Triton reductions (GEMV) is
-  timed against cuBLAS and the faster kept (`info["batch1_gemv"]`). If compiling or capturing fails:
-  "helpers" (compiled RMSNorm/RoPE/SiLU*mul, SDPA attention), then "none" (eager).
+  and captures those in the graphs above; at batch 1 a second variant with the projections as Triton
+  reductions (GEMV) is timed against cuBLAS and the faster kept (`info["batch1_gemv"]`). If compiling or
+  capturing fails: "helpers" (compiled RMSNorm/RoPE/SiLU*mul, SDPA attention), then "none" (eager).
 - The host never waits per token: `chunk` steps are launched back to back, their tokens copied to
   pinned memory once, and read while the next chunk already runs. A request that hit EOS or a stop
   string keeps its row for at most two more chunks; the extra tokens are dropped.

@@ -116,9 +116,9 @@ def projection_weights(config) -> int:
     """Weights of the 7 linear projections of every decoder layer (what NF4 quantizes)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    per_layer = hidden * (config.num_attention_heads * head_dim + 2 * kv) + config.num_attention_heads * head_dim * hidden
-    return config.num_hidden_layers * (per_layer + 3 * hidden * inter)
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    attention = hidden * (q + 2 * kv) + q * hidden  # q, k, v, o
+    return config.num_hidden_layers * (attention + 3 * hidden * inter)  # + gate, up, down
 
 
 def free_memory_bytes() -> Optional[int]:

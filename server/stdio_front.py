@@ -13,8 +13,9 @@ within a fraction of a second, with the SDK still loading in a thread; then the 
 - a `tools/list` answered early is not replayed; every other request waits for the SDK.
 
 Without a matching entry (the first start after an install, a code or library change, a protocol version
-the SDK does not speak) nothing is answered early: the SDK answers, and its answers are stored. Only the `initialize` handshake is
-ever answered early; a client of the 2026 protocol (no handshake) talks to the SDK alone.
+the SDK does not speak) nothing is answered early: the SDK answers, and its answers are stored. Only the
+`initialize` handshake is ever answered early; a client of the 2026 protocol (no handshake) talks to the
+SDK alone.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class HandshakeCache:
     def __init__(self, path: Path, fingerprint_value: str) -> None:
         self.path, self.fingerprint = path, fingerprint_value
         self.versions: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
         try:
             data = json.loads(path.read_text())
             if data.get("fingerprint") == fingerprint_value and isinstance(data.get("versions"), dict):
@@ -100,12 +102,14 @@ class HandshakeCache:
         return entry if isinstance(entry, dict) and {"initialize", "tools_list"} <= set(entry) else None
 
     def store(self, version: str, kind: str, result: Any) -> None:
-        entry = self.versions.setdefault(version, {})
-        if entry.get(kind) == result:
-            return
-        entry[kind] = result
-        if {"initialize", "tools_list"} <= set(entry):
-            self._save()
+        # Called from the SDK's writer thread and from the event loop: one writer at a time.
+        with self._lock:
+            entry = self.versions.setdefault(version, {})
+            if entry.get(kind) == result:
+                return
+            entry[kind] = result
+            if {"initialize", "tools_list"} <= set(entry):
+                self._save()
 
     def _save(self) -> None:
         try:
@@ -113,7 +117,7 @@ class HandshakeCache:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "versions": self.versions}))
             os.replace(tmp, self.path)  # atomic: servers starting at the same time read a whole file
-        except OSError as exc:  # a read-only home only costs start-up speed
+        except OSError as exc:  # a read-only cache folder only costs start-up speed
             log.debug("could not save the handshake cache %s: %r", self.path, exc)
 
 
@@ -131,8 +135,9 @@ async def remember_every_version(lowlevel, cache: HandshakeCache) -> None:
         client_send, server_read = anyio.create_memory_object_stream(4)
         server_send, client_read = anyio.create_memory_object_stream(4)
         messages = [
-            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "tinyllama-mcp", "version": "0"}}},
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": version, "capabilities": {},
+                        "clientInfo": {"name": "tinyllama-mcp", "version": "0"}}},
             {"jsonrpc": "2.0", "method": "notifications/initialized"},
             {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
         ]
