@@ -37,7 +37,7 @@ PACK_ROW_TOKENS = 2048  # SFT packed rows hold at least this many tokens (attent
 FREE_MEMORY_SHARE = 0.85  # leave room for the allocator's fragmentation and the optimizer states
 AUTO_TOKENS_PER_STEP = 24576  # 'auto' on CUDA: ~4x the recipe's ~5.5k real tokens a step on chat data
 FUSABLE_OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch")  # fp32-state AdamW: the same math as adamw_torch_fused
-DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes the base when its 16-bit copy takes under this share of free memory
+DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes when the 16-bit copies take under this share of free memory
 
 
 def fused_optimizer_ok() -> bool:

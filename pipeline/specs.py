@@ -106,34 +106,35 @@ class TrainingSpec(_Spec):
     )
     fused_optimizer: bool = Field(
         True,
-        description="On by default: in same-run H200 comparisons (bench/train_bench.py, BENCHMARKS.md) the SFT "
-        "stage ran 1.39x and 1.40x faster with it, and 0.87x in a third run. CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
+        description="CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
         "states and fp32 LoRA master weights (compute stays bf16/fp16 under autocast): the same AdamW math in a "
-        "few kernels instead of one paged bitsandbytes launch per tensor. Kept off in the memory-saving mode "
-        "(activation_offloading=true), whose optimizer states stay paged. 8-bit optimizers are left as they are. "
-        "On a CPU the optimizer is adamw_torch either way.",
+        "few kernels instead of one paged bitsandbytes launch per tensor (~300 a step of a CPU-bound step; "
+        "BENCHMARKS.md). Kept off in the memory-saving mode (activation_offloading=true), whose optimizer states "
+        "stay paged. 8-bit optimizers are left as they are. On a CPU the optimizer is adamw_torch either way.",
     )
     tokens_per_step: Union[int, Literal["auto"]] = Field(
         0,
         description="Off (0) by default: it changes the recipe's sequences per step, and on an H200 it made the "
-        "SFT stage no faster (BENCHMARKS.md). Real (non-pad) tokens one optimizer step should hold: the recipe's sequences per step "
-        "(batch x accumulation) are multiplied by k = round(tokens_per_step / (sequences x mean tokens)), "
+        "SFT stage no faster (BENCHMARKS.md). Real (non-pad) tokens one optimizer step should hold: the recipe's "
+        "sequences per step (batch x accumulation) are multiplied by "
+        "k = round(tokens_per_step / (sequences x mean tokens)), "
         "max_steps and save_steps are divided by k (same sequences trained), cosine over the fewer steps, "
         "same warmup fraction, same peak learning rate. 'auto': 24576 on CUDA, 0 on a CPU. 0: off.",
     )
     torch_compile: bool = Field(
         False,
         description="torch.compile the model (TrainingArguments.torch_compile). Off by default: the first steps pay "
-        "the compile (and a recompile when packed widths change), which short runs do not win back; not yet "
-        "measured with NF4 + Liger on a GPU.",
+        "the compile (and a recompile when packed widths change), and on an H200 with Liger one step took 45 s "
+        "(dynamo cannot analyse Liger's Triton kernels; bench/results/train_bench_H200_compile_attempt.json).",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(
         False,
         description="Off by default: on an H200 the SFT stage ran 20,318 tok/s with it and 20,163 without "
-        "(bench/results/train_bench_H200_round6_warm.json), for 1.8 GiB more. Dequantize the frozen NF4 base weights once and multiply with those 16-bit copies, instead "
-        "of bitsandbytes dequantizing every weight in every forward and backward: the same values (bitsandbytes "
-        "computes exactly these copies each call), so the same QLoRA model and gradients, for ~2 bytes a base "
-        "weight of GPU memory (2.2 GB for TinyLlama) and far fewer launches per step. 'auto': on CUDA, when "
+        "(bench/results/train_bench_H200_round6_warm.json), for 1.8 GiB more. Dequantize the frozen NF4 base "
+        "weights once and multiply with those 16-bit copies, instead of bitsandbytes dequantizing every weight in "
+        "every forward and backward: the same values (bitsandbytes computes exactly these copies each call), so "
+        "the same QLoRA model and gradients, for ~2 bytes a base weight of GPU memory (1.8 GiB for TinyLlama) "
+        "and fewer launches per step. 'auto': on CUDA, when "
         "the copies take under a quarter of free memory, and never in the memory-saving mode "
         "(activation_offloading=true).",
     )
