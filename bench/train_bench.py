@@ -159,20 +159,25 @@ def hf_common(cfg, out: Path, *, batch: int, accumulation: int) -> dict:
                 include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
 
 
-def run_hf_sft(cfg, rows: list[dict], out: Path, *, batch: int, accumulation: int, max_length: int) -> dict:
-    """Plain TRL SFTTrainer: the recipe's QLoRA model and TRL's defaults otherwise."""
-    from datasets import Dataset
+def hf_model(cfg):
+    """The plain-TRL baselines' start: the recipe's NF4 base, its tokenizer, the seed, a meter."""
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     from pipeline import modeling
     from pipeline.specs import QuantSpec
 
-    dtype = modeling.compute_dtype(cfg.dtype)
     tokenizer = modeling.load_tokenizer(cfg.base)
-    model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), dtype)
+    model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), modeling.compute_dtype(cfg.dtype))
     set_seed(42)
-    meter = make_meter(cfg.seconds)
+    return tokenizer, model, make_meter(cfg.seconds)
+
+
+def run_hf_sft(cfg, rows: list[dict], out: Path, *, batch: int, accumulation: int, max_length: int) -> dict:
+    """Plain TRL SFTTrainer: the recipe's QLoRA model and TRL's defaults otherwise."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, model, meter = hf_model(cfg)
     args = SFTConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=2e-4,
                      lr_scheduler_type="cosine", num_train_epochs=1, max_length=max_length)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -183,18 +188,11 @@ def run_hf_sft(cfg, rows: list[dict], out: Path, *, batch: int, accumulation: in
 
 def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: int, max_length: int) -> dict:
     from datasets import Dataset
-    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline import modeling
     from pipeline.dpo import to_text_pairs
-    from pipeline.specs import QuantSpec
 
-    dtype = modeling.compute_dtype(cfg.dtype)
-    tokenizer = modeling.load_tokenizer(cfg.base)
-    model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), dtype)
-    set_seed(42)
-    meter = make_meter(cfg.seconds)
+    tokenizer, model, meter = hf_model(cfg)
     args = DPOConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=1e-5,
                      lr_scheduler_type="cosine", warmup_steps=0.1, max_steps=200, beta=0.1, max_length=max_length,
                      truncation_mode="keep_start")
