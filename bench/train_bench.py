@@ -12,18 +12,21 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
      (packed rows, gradient checkpointing only when memory needs it, Liger, fused AdamW; the recipe's steps).
   c-warmup (SFT)  c run once first, not compared: it takes the Triton compiles of the first project run.
-  c-dequantized (SFT)  c with dequantized_base=true (NF4 weights dequantized once, not in every call).
+  c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
+  c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
+  c-masked (SFT)  c with varlen_attention=false (rows of max_length under a block-diagonal mask through sdpa).
+  c-padded (DPO)  c with varlen_attention=false (TRL's rows padded to the longest, attention mask dropped).
   c-paged (SFT)  c with fused_optimizer=false (the recipe's paged bitsandbytes AdamW instead of torch's fused one).
   c-steps (SFT)  c with tokens_per_step='auto' (~24k real tokens an optimizer step: fewer, larger steps, so its
      loss at equal tokens is not the recipe's; shown for the speed alone).
   c-lowmem (SFT)  c in the memory-saving mode: gradient_checkpointing=true, activation_offloading=true
      (which keeps the paged optimizer).
   c-compile (SFT, only with --with-compile)  c with torch_compile=true.
-Each run is time-bounded: it stops after --seconds of training (the schedule is the nominal run's,
-so the learning rate is what the full run would use at those steps). Reported: real (non-pad) tokens/s
-over the steps after the first two, peak GPU memory (torch allocator; paged optimizer states live in
-managed memory and are not counted), loss around the same token count for all runs of a stage,
-ratios c/a and c/b, the card. Writes OUT_DIR/train_bench.json and prints a table.
+Each run is time-bounded: it stops after --seconds of training and at least 6 steps (within 4 x --seconds;
+the schedule is the nominal run's, so the learning rate is what the full run would use at those steps).
+Reported: real (non-pad) tokens/s over the steps after the first two, peak GPU memory (torch allocator;
+paged optimizer states live in managed memory and are not counted), loss around the same token count for
+all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes OUT_DIR/train_bench.json and prints a table.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 WARMUP_STEPS = 2
+MIN_STEPS = WARMUP_STEPS + 4  # steps a run takes at least, so its rate is measured past the warm-up
 
 
 # ---------------------------------------------------------------- measuring
@@ -53,7 +57,11 @@ def _sync() -> None:
 
 
 def make_meter(seconds: float, max_steps: Optional[int] = None):
-    """A TrainerCallback recording (time, real tokens, loss) per optimizer step and stopping after `seconds`."""
+    """A TrainerCallback recording (time, real tokens, loss) per optimizer step and stopping after `seconds`.
+
+    A run with slow steps (the reference recipe's) goes on to MIN_STEPS steps, so its rate is measured after the
+    warm-up steps too, within 4 x `seconds`.
+    """
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
@@ -70,7 +78,8 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
             _sync()
             now = time.perf_counter()
             self.points.append({"step": state.global_step, "t": now - self.t0, "tokens": int(state.num_input_tokens_seen)})
-            if now - self.t0 >= seconds or (max_steps and len(self.points) >= max_steps):
+            done = now - self.t0 >= seconds and len(self.points) >= MIN_STEPS
+            if done or now - self.t0 >= 4 * seconds or (max_steps and len(self.points) >= max_steps):
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -462,10 +471,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dpo_on:
         plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
                      lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
+    if dpo_on:
+        padded = dict(fast_dpo, varlen_attention=False)
+        plan.append(("dpo", "c-padded", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_padded", padded),
+                     None))
     if sft_on:
-        dequantized = dict(fast_sft, dequantized_base=True)
-        plan.append(("sft", "c-dequantized", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_dequantized",
-                                                                dequantized), None))
+        nf4 = dict(fast_sft, dequantized_base=False)
+        plan.append(("sft", "c-nf4", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_nf4", nf4), None))
+        peft_lora = dict(fast_sft, fused_lora=False)
+        plan.append(("sft", "c-peft", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_peft", peft_lora), None))
+        masked = dict(fast_sft, varlen_attention=False)
+        plan.append(("sft", "c-masked", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_masked", masked),
+                     None))
         paged = dict(fast_sft, fused_optimizer=False)
         plan.append(("sft", "c-paged", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_paged", paged), None))
         steps = dict(fast_sft, tokens_per_step="auto" if not cfg.smoke else 4096)
@@ -488,7 +505,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for stage in ("sft", "dpo"):
         runs = results[stage]["runs"]
-        done = {k: v for k, v in runs.items() if v.get("tokens")}
+        # Run a trains on rows cut to 512 tokens: a different loss; the others are compared at equal tokens.
+        done = {k: v for k, v in runs.items() if v.get("tokens") and k != "a"}
         if done:
             common = min(v["tokens"] for v in done.values())
             results[stage]["loss_tokens"] = common
@@ -496,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 v["loss_at_T"] = loss_at(v["curve"], common)
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
-        for num in ("c", "c-dequantized", "c-paged", "c-steps", "c-lowmem", "c-compile"):
+        for num in ("c", "c-nf4", "c-peft", "c-masked", "c-padded", "c-paged", "c-steps", "c-lowmem", "c-compile"):
             for den in ("a", "b"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)

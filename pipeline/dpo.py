@@ -7,10 +7,11 @@ model is the reference, so the policy starts equal to the reference, as DPO assu
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
-from pipeline import fast, modeling, training
+from pipeline import dpo_packing, fast, fused_lora, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
 from pipeline.events import EventLog, make_callback
@@ -106,15 +107,26 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     if levers.dequantized_base:
         fast.dequantize_base(trainer.model)
+    if levers.fused_lora:
+        fused_lora.fuse_lora(trainer.model)
+    fast.trim_trainer_overhead(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
-    # Right-padded batches need no attention mask under causal attention (TRL's DPO padding-free is disabled).
-    unmask = fast.drop_right_padding_mask(trainer.model) if levers.padding_free else None
+    # TRL's DPO padding-free is disabled upstream. Packed batches with varlen attention compute no padding;
+    # else right-padded batches at least need no attention mask under causal attention.
+    unmask = None
+    if levers.padding_free and levers.varlen_attention:
+        trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator)
+        padding = dpo_packing.packing(trainer.model)
+    else:
+        padding = contextlib.nullcontext()
+        unmask = fast.drop_right_padding_mask(trainer.model) if levers.padding_free else None
     try:
-        training.run_trainer(trainer, job_dir, log, training.start_fields("dpo", effective, len(train_rows), levers))
+        with padding:  # the training loop only: generation (eval samples) pads and caches, and keeps its masks
+            training.run_trainer(trainer, job_dir, log, training.start_fields("dpo", effective, len(train_rows), levers))
     finally:
         if unmask is not None:
-            unmask.remove()  # generation (eval samples) pads and caches: keep its masks
+            unmask.remove()
     summary = training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=original_base, data=inputs.data, lengths=inputs.lengths,

@@ -10,6 +10,10 @@
   (exact for every real token) and sdpa takes the flash kernel with native GQA instead of a masked kernel.
 - `gradient_checkpointing: "auto"`: off when the estimated activations of one micro-batch fit in free GPU memory.
 - `use_liger_kernel`: Liger's RMSNorm/RoPE/SwiGLU kernels (Triton, CUDA only: skipped on CPU with a note).
+- `fused_lora`: each LoRA projection as one autograd function (pipeline.fused_lora).
+- `varlen_attention` (with padding_free): one packed row per micro-batch, variable-length attention over the
+  sequence boundaries (pipeline.varlen_attention). SFT: instead of max_length rows under a block-diagonal mask;
+  DPO: instead of TRL's padded rows (pipeline.dpo_packing).
 - `activation_offloading`: TRL's offloading of saved activations to pinned CPU memory (CUDA only).
 - `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training.
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
@@ -56,6 +60,8 @@ class Levers:
     precompute_ref_log_probs: bool = False
     torch_compile: bool = False
     dequantized_base: bool = False
+    fused_lora: bool = False
+    varlen_attention: bool = False
     batch_size: int = 1  # micro-batch the Trainer runs (accumulation fused in when it fits max_tokens_per_batch)
     accumulation: int = 1
     optim: str = "adamw_torch"  # the optimizer the Trainer really runs
@@ -82,6 +88,8 @@ class Levers:
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
             "torch_compile": self.torch_compile,
             "dequantized_base": self.dequantized_base,
+            "fused_lora": self.fused_lora,
+            "varlen_attention": self.varlen_attention,
             "optim": self.optim,
             "master_weights_fp32": self.master_fp32,
             "tokens_per_step": self.tokens_per_step,
@@ -136,7 +144,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
     sizes the token-budget optimizer step. None: the step stays the recipe's.
     """
     lv = Levers(padding_free=t.padding_free, activation_offloading=t.activation_offloading,
-                torch_compile=t.torch_compile, batch_size=t.per_device_train_batch_size,
+                torch_compile=t.torch_compile, fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
                 accumulation=t.gradient_accumulation_steps,
                 max_steps=t.max_steps, save_steps=t.save_steps)
 
@@ -232,6 +240,16 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         else:
             lv.notes.append(f"use_liger_kernel skipped: {why_not}")
 
+    if t.varlen_attention and lv.padding_free:
+        from pipeline import varlen_attention
+
+        why_not = varlen_attention.unavailable(torch.cuda.is_available())
+        if getattr(model_config, "attention_dropout", 0.0):
+            why_not = "the model has attention dropout (the varlen kernel has none)"
+        lv.varlen_attention = why_not is None
+        if why_not:
+            lv.notes.append(f"varlen_attention skipped: {why_not}")
+
     if lv.activation_offloading and not torch.cuda.is_available():
         lv.activation_offloading = False
         lv.notes.append("activation_offloading skipped: no CUDA device")
@@ -248,6 +266,53 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         else:
             lv.precompute_ref_log_probs = bool(t.precompute_ref_log_probs)
     return lv
+
+
+# ---------------------------------------------------------------- per-step Trainer overhead
+
+
+def trim_trainer_overhead(trainer) -> None:
+    """Take the Trainer's per-step walks over the whole module tree out of a step that is bound by Python.
+
+    A peft-wrapped TinyLlama has ~1,800 modules and ~3,000 parameters; each step the Trainer walks them four
+    times for work whose answer does not change while training (profile in BENCHMARKS.md, ~15% of a step):
+    - `floating_point_ops` (its `total_flos` log) counts the non-embedding parameters: counted once here, the
+      same 6 x tokens x parameters;
+    - `model.train()` resets every module's mode: skipped when every module is already in that mode (then it
+      changes nothing; transformers' own train() acts only on a change of mode);
+    - `model.zero_grad()` and the gradient clipping visit every parameter: only the trainable ones, the only
+      ones with gradients, are visited (the same norm, the same clipping).
+    """
+    model = trainer.model
+    if not hasattr(model, "num_parameters"):
+        return
+    modules = list(model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    main_input = getattr(model, "main_input_name", "input_ids")
+    parameters = model.num_parameters(exclude_embeddings=True)
+
+    def floating_point_ops(inputs) -> int:
+        return 6 * inputs[main_input].numel() * parameters if main_input in inputs else 0
+
+    def train(mode: bool = True):
+        if all(m.training == mode for m in modules):
+            return model
+        return type(model).train(model, mode)
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for p in trainable:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    def clip_grad_norm(_model):
+        return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
+
+    trainer.floating_point_ops = floating_point_ops
+    trainer._clip_grad_norm = clip_grad_norm
+    model.train, model.zero_grad = train, zero_grad
 
 
 # ---------------------------------------------------------------- NF4 base weights dequantized once
@@ -312,12 +377,15 @@ class PackedRowsCollator:
 
     Output: input_ids, labels (-100 on padding and on each sequence's first token, which must not be
     predicted from the previous sequence), position_ids; no attention_mask, so transformers derives the
-    block-diagonal causal mask from position_ids.
+    block-diagonal causal mask from position_ids. With `cu_seq_lens`, also the sequence boundaries of the
+    flattened rows for variable-length attention (pipeline.varlen_attention): cu_seq_lens_q/_k (int32; a row's
+    padding is a segment of its own) and max_length_q/_k (an int).
     """
 
     pad_token_id: int
     capacity: int
     pad_to_multiple_of: Optional[int] = None
+    cu_seq_lens: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
@@ -329,6 +397,7 @@ class PackedRowsCollator:
         out_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), width), -100, dtype=torch.long)
         out_pos = torch.zeros((len(rows), width), dtype=torch.long)
+        bounds = [0]
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -338,10 +407,18 @@ class PackedRowsCollator:
                 out_labels[r, at] = -100
                 out_pos[r, at : at + n] = torch.arange(n)
                 at += n
+                bounds.append(r * width + at)
             # Padding continues the last sequence's positions: one more "sequence" only if there is padding,
             # and its labels are -100 either way.
             out_pos[r, at:] = torch.arange(width - at) + (out_pos[r, at - 1] + 1 if at else 0)
-        return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+            if at < width:
+                bounds.append((r + 1) * width)
+        batch = {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+        if self.cu_seq_lens:
+            cu = torch.tensor(bounds, dtype=torch.int32)
+            longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return batch
 
 
 # ---------------------------------------------------------------- DPO: right padding without a mask

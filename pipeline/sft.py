@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from pipeline import fast, modeling, training
+from pipeline import fast, fused_lora, modeling, training, varlen_attention
 from pipeline.events import EventLog, make_callback
 from pipeline.specs import SFTSpec
 
@@ -34,9 +35,12 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens)
     collator = None
     if levers.padding_free:
-        collator = fast.PackedRowsCollator(
-            pad_token_id=tokenizer.pad_token_id, capacity=max(spec.training.max_length, fast.PACK_ROW_TOKENS)
-        )
+        # varlen attention costs each sequence only its own length: the whole micro-batch goes in one row
+        capacity = max(spec.training.max_length, fast.PACK_ROW_TOKENS)
+        if levers.varlen_attention:
+            capacity = levers.batch_size * spec.training.max_length
+        collator = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=capacity,
+                                           cu_seq_lens=levers.varlen_attention)
     summary: dict = {}
     set_seed(spec.training.seed)  # LoRA init draws from the RNG: same seed, same adapter init
     trainer = SFTTrainer(
@@ -52,8 +56,13 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     if levers.dequantized_base:
         fast.dequantize_base(trainer.model)
+    if levers.fused_lora:
+        fused_lora.fuse_lora(trainer.model)
+    fast.trim_trainer_overhead(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
-    training.run_trainer(trainer, job_dir, log, training.start_fields("sft", effective, len(train_rows), levers))
+    attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
+    with attention:  # the training loop only: generation afterwards keeps sdpa and its masks
+        training.run_trainer(trainer, job_dir, log, training.start_fields("sft", effective, len(train_rows), levers))
     return training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=inputs.base, data=inputs.data, lengths=inputs.lengths,

@@ -128,18 +128,29 @@ class TrainingSpec(_Spec):
         "(dynamo cannot analyse Liger's Triton kernels; bench/results/train_bench_H200_compile_attempt.json).",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(
-        False,
-        description="Off by default: on an H200 the SFT stage ran 20,318 tok/s with it and 20,163 without "
-        "(bench/results/train_bench_H200_round6_warm.json), for 1.8 GiB more. Dequantize the frozen NF4 base "
-        "weights once and multiply with those 16-bit copies, instead of bitsandbytes dequantizing every weight in "
-        "every forward and backward: the same values (bitsandbytes computes exactly these copies each call), so "
-        "the same QLoRA model and gradients, for ~2 bytes a base weight of GPU memory (1.8 GiB for TinyLlama) "
-        "and fewer launches per step. 'auto': on CUDA, when "
-        "the copies take under a quarter of free memory, and never in the memory-saving mode "
-        "(activation_offloading=true).",
+        "auto",
+        description="Dequantize the frozen NF4 base weights once and multiply with those 16-bit copies, instead of "
+        "bitsandbytes dequantizing every weight in every forward and backward: the same values (bitsandbytes "
+        "computes exactly these copies each call), so the same QLoRA model and gradients, for ~2 bytes a base "
+        "weight of GPU memory (1.8 GiB for TinyLlama) and ~300 fewer dequantize calls a step (BENCHMARKS.md). "
+        "'auto': on CUDA when the copies take under a quarter of free memory, never in the memory-saving mode "
+        "(activation_offloading=true) nor on a CPU.",
     )
     use_liger_kernel: bool = Field(
         True, description="Liger's fused RMSNorm, RoPE and SwiGLU kernels (CUDA only; skipped with a note on CPU)."
+    )
+    fused_lora: bool = Field(
+        True,
+        description="Run each LoRA projection (base matmul, dropout, A, B, scaling) as one autograd function with a "
+        "hand-written backward instead of peft's chain of modules: the same math and dropout draws, a fraction of "
+        "the Python and kernel launches of a step that is bound by them (pipeline/fused_lora.py).",
+    )
+    varlen_attention: bool = Field(
+        True,
+        description="With padding_free: one packed row per micro-batch and variable-length flash attention over "
+        "the sequence boundaries (each sequence's own causal attention, exactly). SFT: instead of rows of max_length "
+        "with a block-diagonal mask through sdpa; DPO: instead of TRL's rows padded to the longest, so no padding "
+        "is computed. CUDA kernel from torch >= 2.10; on a CPU each sequence runs through causal sdpa on its own.",
     )
     activation_offloading: bool = Field(
         False,

@@ -51,6 +51,23 @@ def test_packed_collator_positions_and_labels():
     assert labels[row] == [-100, 11, 12, -100, 21, 22, 23]
 
 
+def test_packed_collator_sequence_boundaries_for_varlen():
+    collate = fast.PackedRowsCollator(pad_token_id=3, capacity=8, cu_seq_lens=True)
+    batch = collate([{"input_ids": [10, 11, 12]}, {"input_ids": [20, 21, 22, 23]}, {"input_ids": [30, 31, 32, 33, 34]}])
+    ids = batch["input_ids"].tolist()
+    assert ids == [[10, 11, 12, 30, 31, 32, 33, 34], [20, 21, 22, 23, 3, 3, 3, 3]]  # first-fit-decreasing
+    # Every sequence is one segment of the flattened rows; a row's padding is a segment of its own.
+    flat = batch["input_ids"].view(-1).tolist()
+    cu = batch["cu_seq_lens_q"].tolist()
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and cu[0] == 0 and cu[-1] == len(flat)
+    segments = [flat[a:b] for a, b in zip(cu[:-1], cu[1:])]
+    assert sorted(segments) == sorted([[10, 11, 12], [20, 21, 22, 23], [30, 31, 32, 33, 34], [3, 3, 3, 3]])
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
+    one_row = fast.PackedRowsCollator(pad_token_id=3, capacity=100, cu_seq_lens=True)(
+        [{"input_ids": [10, 11, 12]}, {"input_ids": [20, 21]}])
+    assert one_row["input_ids"].shape == (1, 5) and one_row["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+
 def test_resolve_fuses_accumulation_within_the_token_budget(tiny_demo):
     from transformers import AutoConfig
 
@@ -276,9 +293,11 @@ def test_left_padding_mask_is_kept(demo_model):
 # ---------------------------------------------------------------- end to end through the stages
 
 OFF = dict(padding_free=False, max_tokens_per_batch=0, gradient_checkpointing=True, use_liger_kernel=False,
-           precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0, dequantized_base=False)
+           precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0, dequantized_base=False,
+           fused_lora=False, varlen_attention=False)
 ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing="auto", use_liger_kernel=True,
-          precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto", dequantized_base="auto")
+          precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto", dequantized_base="auto",
+          fused_lora=True, varlen_attention=True)
 
 
 def _steps(job_dir: Path) -> list[dict]:
@@ -319,6 +338,7 @@ def test_sft_levers_learn_the_same(tmp_path):
     on_summary, on = _run(run_sft, _sft_spec(ON), tmp_path / "on")
     start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["padding_free"] and start["levers"]["micro_batch_size"] == 8
+    assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]
     assert [s["step"] for s in on] == [1, 2] == [s["step"] for s in off]
     for a, b in zip(off, on):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
@@ -328,6 +348,7 @@ def test_sft_levers_learn_the_same(tmp_path):
 
 def test_dpo_levers_learn_the_same(tmp_path):
     from pipeline.dpo import run_dpo
+    from pipeline.events import read_events
     from pipeline.samples import DPO_SAMPLE
 
     def spec(levers: dict) -> DPOSpec:
@@ -343,6 +364,8 @@ def test_dpo_levers_learn_the_same(tmp_path):
     _, on = _run(run_dpo, spec(ON), tmp_path / "on")
     pre = dict(ON, precompute_ref_log_probs=True)
     _, precomputed = _run(run_dpo, spec(pre), tmp_path / "pre")
+    start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]  # packed pairs, fused LoRA
     for a, b, c in zip(off, on, precomputed):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
         assert math.isclose(a["loss"], c["loss"], rel_tol=1e-4), (a, c)
@@ -395,12 +418,147 @@ def test_dequantized_base_is_the_same_model(tiny_demo):
         assert torch.allclose(grads_off[name], grads_on[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_fused_lora_is_the_same_math(tiny_demo, quantization, dropout):
+    """One autograd function per projection: peft's outputs and LoRA gradients, with the same dropout draws."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import fused_lora, modeling
+    from pipeline.specs import QuantSpec
+
+    def model_and_grads(fused: bool):
+        torch.manual_seed(0)
+        base = modeling.load_base(str(tiny_demo), QuantSpec(quantization=quantization, compute_dtype="fp32"),
+                                  torch.float32)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False,
+                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"]))
+        if quantization == "none":
+            model.enable_input_require_grads()  # dx through every projection, as under checkpointing
+        if fused:
+            assert fused_lora.fuse_lora(model) == 7 * model.config.num_hidden_layers
+        model.train()
+        torch.manual_seed(1)  # the dropout draws
+        ids = torch.arange(3, 40).view(1, -1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with model.disable_adapter(), torch.no_grad():  # adapter off (DPO's reference pass): the base alone
+            reference = model(input_ids=ids, labels=ids).loss.item()
+        return loss.item(), grads, reference
+
+    loss_off, grads_off, ref_off = model_and_grads(False)
+    loss_on, grads_on, ref_on = model_and_grads(True)
+    assert math.isclose(loss_off, loss_on, rel_tol=1e-6), (loss_off, loss_on)
+    assert ref_off == ref_on and not math.isclose(ref_on, loss_on, rel_tol=1e-4)
+    assert grads_off.keys() == grads_on.keys() and len(grads_off) == 14 * 2
+    for name in grads_off:
+        assert torch.allclose(grads_off[name], grads_on[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_varlen_attention_is_the_masked_packed_attention(demo_model, tokenizer):
+    """Packed sequences through varlen attention (one row, sequence boundaries): the block-diagonal mask's loss
+    and gradients."""
+    from pipeline import varlen_attention
+
+    examples = _sft_examples(tokenizer, 6)
+    pad = tokenizer.pad_token_id
+    longest = max(len(e["input_ids"]) for e in examples)
+    masked_batch = fast.PackedRowsCollator(pad_token_id=pad, capacity=longest + 20)(examples)
+    varlen_batch = fast.PackedRowsCollator(pad_token_id=pad, capacity=10_000, cu_seq_lens=True)(examples)
+    assert masked_batch["input_ids"].shape[0] > 1 and varlen_batch["input_ids"].shape[0] == 1
+
+    def loss_and_grad(batch):
+        demo_model.zero_grad()
+        loss = demo_model(**batch).loss
+        loss.backward()
+        return loss.item(), demo_model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    masked_loss, masked_grad = loss_and_grad(masked_batch)
+    with varlen_attention.use(demo_model):
+        assert demo_model.config._attn_implementation == varlen_attention.NAME
+        varlen_loss, varlen_grad = loss_and_grad(varlen_batch)
+        with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
+            demo_model(**masked_batch)  # no boundaries: refused, never attended across sequences
+    assert demo_model.config._attn_implementation == "sdpa"  # generation afterwards keeps sdpa
+    assert math.isclose(masked_loss, varlen_loss, rel_tol=1e-5), (masked_loss, varlen_loss)
+    assert torch.allclose(masked_grad, varlen_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_preference_batches_give_the_padded_hidden_states(demo_model):
+    """DPO packing: the decoder runs only the real tokens as one varlen row; real tokens' hidden states equal the
+    padded batch's (under its mask), pads come back as zeros, in the padded layout TRL scores."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipeline import dpo_packing
+
+    examples = [{"prompt_ids": list(range(10, 10 + p)), "chosen_ids": list(range(200, 200 + c)),
+                 "rejected_ids": list(range(400, 400 + r))} for p, c, r in [(7, 3, 12), (2, 9, 1), (15, 4, 4)]]
+    collate = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0))
+    batch = collate(examples)
+    mask = batch["attention_mask"]
+    assert batch["cu_seq_lens_q"].tolist()[-1] == int(mask.sum()) == batch["packed_index"].numel()
+    padded = demo_model.model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    with dpo_packing.packing(demo_model):
+        packed = demo_model.model(**{k: v for k, v in batch.items() if k != "completion_mask"}).last_hidden_state
+    assert packed.shape == padded.shape
+    real = mask.bool()
+    assert torch.allclose(packed[real], padded[real], rtol=1e-4, atol=1e-5)
+    assert not packed[~real].any()
+    assert demo_model.config._attn_implementation == "sdpa" and not demo_model.model._forward_pre_hooks
+    left = dict(batch, attention_mask=mask.flip(1))
+    with pytest.raises(ValueError, match="right-padded"):
+        collate.inner = lambda _examples: left
+        collate(examples)
+
+
+def test_trimmed_trainer_overhead_gives_the_same_answers(tiny_demo, tmp_path):
+    """Counting FLOPs once, skipping no-op mode walks and visiting only trainable parameters: same results."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from pipeline import modeling
+    from pipeline.specs import QuantSpec
+
+    torch.manual_seed(0)
+    base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="none"), torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                            init_lora_weights=False))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                          max_grad_norm=0.01, use_cpu=True))
+    ids = torch.arange(3, 40).view(1, -1)
+    inputs = {"input_ids": ids, "labels": ids}
+    model(**inputs).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    flops = Trainer.floating_point_ops(trainer, inputs)
+    norm = Trainer._clip_grad_norm(trainer, model)
+    clipped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():  # back to the unclipped gradients
+        if n in grads:
+            p.grad = grads[n].clone()
+
+    fast.trim_trainer_overhead(trainer)
+    assert trainer.floating_point_ops(inputs) == flops > 0
+    assert torch.equal(trainer._clip_grad_norm(model), norm)
+    for n, p in model.named_parameters():
+        if n in clipped:
+            assert torch.equal(p.grad, clipped[n]), n
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    layer = model.base_model.model.model.layers[0]
+    layer.eval()  # one submodule out of training mode: train() must still walk and restore it
+    assert model.train() is model and layer.training and layer.mlp.down_proj.lora_dropout["default"].training
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
 def test_dequantized_base_auto_needs_cuda_memory_and_not_the_saving_mode(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_demo)
     auto = TrainingSpec(dequantized_base="auto")
-    assert TrainingSpec().dequantized_base is False  # measured no faster: off unless asked for
+    assert TrainingSpec().dequantized_base == "auto"
     assert fast.resolve(auto, "sft", config, torch.float32, rows=10).dequantized_base is False  # CPU
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)  # as on a GPU with room
     assert fast.resolve(auto, "sft", config, torch.bfloat16, rows=10).dequantized_base is True

@@ -1,0 +1,88 @@
+"""DPO batches without padding compute (speed levers `padding_free` + `varlen_attention`, issue 4).
+
+TRL's DPO pads its chosen and rejected rows to the longest row of the batch (its own padding-free mode is
+disabled upstream); with answers of very different lengths, much of the decoder's work is padding. Here:
+
+- `PackedPairsCollator` wraps TRL's preference collator and adds what packs the batch: the flat positions of
+  the real tokens, their restarting position_ids and the sequence boundaries for varlen attention;
+- `packing(model)` hooks the decoder (the backbone under TRL's fused LM head) so it runs on those real tokens
+  only, as one row with varlen attention, and hands back hidden states in the padded layout, zero at pads.
+
+TRL then scores the completion tokens as before (pads carry no label), for the policy and for the reference
+(the same batch with the adapter off). Every real token sees exactly the tokens it saw in the padded batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from pipeline import varlen_attention
+
+PACKING_KEYS = ("packed_index", "packed_position_ids")
+
+
+@dataclass
+class PackedPairsCollator:
+    """TRL's right-padded preference batch plus packing_keys, cu_seq_lens_q/_k and max_length_q/_k."""
+
+    inner: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        mask = batch["attention_mask"]
+        rows, width = mask.shape
+        lengths = mask.sum(dim=1)
+        if not torch.equal(mask.bool(), torch.arange(width) < lengths[:, None]):
+            raise ValueError("DPO packing expects right-padded rows (a mask of ones, then zeros)")
+        lengths = lengths.tolist()
+        batch["packed_index"] = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lengths)])
+        batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        longest = max(lengths)
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return batch
+
+
+def _decoder(model):
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "model", model)
+
+
+@contextlib.contextmanager
+def packing(model) -> Iterator[None]:
+    """Inside the block, `model`'s decoder runs the batches of PackedPairsCollator packed, with varlen attention."""
+    decoder = _decoder(model)
+    packed: dict[str, Any] = {}
+
+    def before(module, args, kwargs):
+        index, positions = (kwargs.pop(key, None) for key in PACKING_KEYS)
+        if index is None:
+            return None
+        ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
+        packed.update(index=index, shape=ids.shape)
+        kwargs.update(input_ids=ids.reshape(-1)[index].view(1, -1), attention_mask=None, position_ids=positions)
+        return (), kwargs
+
+    def after(module, args, kwargs, output):
+        if "index" not in packed:
+            return None
+        index, (rows, width) = packed.pop("index"), packed.pop("shape")
+        hidden = output.last_hidden_state[0]
+        padded = hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden)
+        output.last_hidden_state = padded.view(rows, width, -1)
+        return output
+
+    handles = [decoder.register_forward_pre_hook(before, with_kwargs=True),
+               decoder.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with varlen_attention.use(model):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
