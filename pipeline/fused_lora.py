@@ -1,4 +1,4 @@
-"""One autograd function per LoRA projection (speed lever `fused_lora`, issue 4).
+"""One autograd function per LoRA projection, or per group of projections of one input (lever `fused_lora`).
 
 peft runs a LoRA projection as a chain of modules: the base layer (bitsandbytes' 4-bit matmul, its own
 autograd function), a clone, the dropout, lora_A, lora_B, a scaling multiply and an add, with a cast of
@@ -11,10 +11,18 @@ Here the same math runs as one autograd function per projection:
     backward  dx = dy W + s ((dy B) A) through d,      dA = s (dy B)^T d(x),   dB = s dy^T (d(x) A^T)
 
 The base weight W is frozen, so there is no dW; it is dequantized from NF4 in the forward and again in
-the backward, exactly as bitsandbytes does (or taken from the `dequantized_base` copy). The dropout stays
-peft's own module, called as peft calls it, so its masks are the same draws. Compute runs in the dtype
-peft's path would use (autocast's, else the input's); projections in any other set-up, an adapter switched
-off (DPO's reference pass), merged, DoRA or several adapters, keep peft's forward.
+the backward, exactly as bitsandbytes does (or taken from the `dequantized_base` copy). The dropout runs
+inside, through the kernel F.dropout itself runs (native_dropout), at the rate and mode of peft's module:
+the same draws in the same order, without an autograd node and a gradient sum of its own. Compute runs in
+the dtype peft's path would use (autocast's, else the input's); projections in any other set-up, an adapter
+switched off (DPO's reference pass), merged, DoRA, several adapters or another dropout module, keep peft's
+forward.
+
+Projections that read the same input (Q, K and V; gate and up) run as one function: the first one called
+(q_proj, gate_proj) computes all of them and leaves each sibling its output, which the sibling returns
+when it is called next with that same input tensor (HF's attention and MLP call them in a row). Any other
+call computes on its own. Each projection's math, dropout draws and order are unchanged; what goes is two
+of every three autograd nodes of Q, K, V and one of gate, up, with their Python.
 """
 
 from __future__ import annotations
@@ -39,47 +47,62 @@ def base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-class LoraProjection(torch.autograd.Function):
-    """y = x W^T (+ bias) + s (x_dropped A^T) B^T; `x_dropped` None means no dropout (it is x)."""
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same input
+
+
+class LoraProjections(torch.autograd.Function):
+    """For each projection i of one input x: y_i = x W_i^T (+ bias_i) + s_i (d_i(x) A_i^T) B_i^T.
+
+    `members`: one (base layer, scaling s_i, dropout rate p_i) per projection; `weights`: A_1, B_1, A_2, ...
+    Returns y_1 alone for one projection, else the tuple of the y_i.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, lora_a, lora_b, base, scaling: float, dtype: torch.dtype):
-        with torch.autocast(x.device.type, enabled=False):  # the casts are explicit, as autocast would make them
+    def forward(ctx, x, members, dtype: torch.dtype, *weights):
+        # Every operand is cast to `dtype` explicitly (as autocast would): autocast has nothing left to do.
+        x2 = x.reshape(-1, x.shape[-1])
+        outputs, saved = [], []
+        for (base, scaling, rate), lora_a, lora_b in zip(members, weights[0::2], weights[1::2]):
             weight = base_weight(base, dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
-            x2 = x.reshape(-1, x.shape[-1])
-            dropped = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
+            # native_dropout is the kernel F.dropout runs (CUDA, and here on a CPU too): the same draws as peft's
+            dropped, mask = torch.native_dropout(x2, rate, True) if rate > 0 else (x2, None)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = dropped @ a.t()
             y = torch.addmm(F.linear(x2, weight, bias), xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(dropped, xa, a, b)
-        ctx.base, ctx.scaling, ctx.dtype = base, scaling, dtype
-        ctx.same_input = x_dropped is None
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            saved += [dropped, mask, xa, a, b]
+        ctx.save_for_backward(*saved)
+        ctx.members, ctx.dtype, ctx.x_shape = members, dtype, x.shape
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        dropped, xa, a, b = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_dropped, need_a, need_b = ctx.needs_input_grad[:4]
-        with torch.autocast(grad_y.device.type, enabled=False):
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        weight_grads: list[Optional[torch.Tensor]] = []
+        grad_x = None
+        for i, ((base, s, rate), grad_y) in enumerate(zip(ctx.members, grads)):
+            dropped, mask, xa, a, b = saved[5 * i : 5 * i + 5]
+            if grad_y is None:  # this output was not used
+                weight_grads += [None, None]
+                continue
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.dtype)
             gb = g @ b  # (tokens, r): dy B
-            grad_a = (gb.t() @ dropped).mul_(s).to(ctx.a_dtype) if need_a else None
-            grad_b = (g.t() @ xa).mul_(s).to(ctx.b_dtype) if need_b else None
-            grad_x = grad_dropped = None
-            if need_x or need_dropped:
-                shape = (*grad_y.shape[:-1], a.shape[1])
-                if ctx.same_input:
-                    grad_x = torch.addmm(g @ base_weight(ctx.base, ctx.dtype), gb, a, alpha=s).view(shape)
-                else:
-                    grad_x = (g @ base_weight(ctx.base, ctx.dtype)).view(shape) if need_x else None
-                    grad_dropped = (gb @ a).mul_(s).view(shape) if need_dropped else None
-        return grad_x, grad_dropped, grad_a, grad_b, None, None, None
+            weight_grads.append((gb.t() @ dropped).mul_(s).to(ctx.weight_dtypes[2 * i]))
+            weight_grads.append((g.t() @ xa).mul_(s).to(ctx.weight_dtypes[2 * i + 1]))
+            if need_x:
+                part = g @ base_weight(base, ctx.dtype)
+                grad_x = part if grad_x is None else grad_x.add_(part)
+                if mask is None:
+                    grad_x.addmm_(gb, a, alpha=s)
+                else:  # through the dropout: kept entries scaled by 1 / (1 - p), dropped ones get nothing
+                    grad_x.addcmul_(gb @ a, mask, value=s / (1.0 - rate))
+        return (None if grad_x is None else grad_x.view(ctx.x_shape), None, None, *weight_grads)
 
 
-def _compute_dtype(layer, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:
+def _compute_dtype(x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:
     """The one dtype peft's path computes this projection in, or None when its path mixes dtypes."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -87,36 +110,74 @@ def _compute_dtype(layer, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[tor
     return x.dtype if lora_a.dtype == x.dtype else None
 
 
+def _dropout_rate(dropout: torch.nn.Module) -> Optional[float]:
+    """The rate the LoRA dropout module applies now (0 when it is off), None for a module of another kind."""
+    if isinstance(dropout, torch.nn.Identity):
+        return 0.0
+    if type(dropout) is torch.nn.Dropout:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
+
+
+def _fusable(layer, x: torch.Tensor) -> Optional[tuple]:
+    """(base, scaling, rate), A, B and the compute dtype when this projection can run fused now, else None."""
+    adapters = layer.active_adapters
+    if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
+            or adapters[0] in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapters[0], False)):
+        return None
+    base = layer.get_base_layer()
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    name = adapters[0]
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    dtype, rate = _compute_dtype(x, lora_a), _dropout_rate(layer.lora_dropout[name])
+    if dtype is None or rate is None:
+        return None
+    return (base, float(layer.scaling[name]), rate), lora_a, lora_b, dtype
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapters = self.active_adapters
-    plain = (not args and not kwargs and not self.disable_adapters and not self.merged and len(adapters) == 1
-             and adapters[0] in self.lora_A and adapters[0] not in getattr(self, "lora_variant", {})
-             and not self.use_dora.get(adapters[0], False))
-    base = self.get_base_layer()
-    if plain and (base.bias is None or not base.bias.requires_grad):
-        name = adapters[0]
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        dtype = _compute_dtype(self, x, lora_a)
-        if dtype is not None:
-            dropout = self.lora_dropout[name]
-            x_dropped = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
-            return LoraProjection.apply(x, x_dropped, lora_a, lora_b, base, float(self.scaling[name]), dtype)
-    return type(self).forward(self, x, *args, **kwargs)
+    if args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    stash = self.__dict__.pop("_group_output", None)
+    if stash is not None and stash[0] is x:  # the group's first projection computed this one already
+        return stash[1]
+    own = _fusable(self, x)
+    if own is None:
+        return type(self).forward(self, x)
+    members, weights, followers = [own[0]], [own[1], own[2]], []
+    for layer in self.__dict__.get("_group_followers", ()):
+        fused = _fusable(layer, x)
+        if fused is not None and fused[3] == own[3]:
+            members.append(fused[0])
+            weights += [fused[1], fused[2]]
+            followers.append(layer)
+    outputs = LoraProjections.apply(x, tuple(members), own[3], *weights)
+    if not followers:
+        return outputs
+    for layer, output in zip(followers, outputs[1:]):
+        layer._group_output = (x, output)
+    return outputs[0]
 
 
 def fuse_lora(model) -> int:
-    """Route every peft LoRA linear projection of `model` through LoraProjection; returns how many.
+    """Route every peft LoRA linear projection of `model` through LoraProjections; returns how many.
 
-    Only this model's modules change (their bound forward); peft's classes stay as they are.
+    Siblings of GROUPS under one parent module are grouped: the first computes them all. Only this model's
+    modules change (their bound forward and two attributes); peft's classes stay as they are.
     """
     from peft.tuners.lora import LoraLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and not hasattr(module, "fused_lora"):
-            base = module.get_base_layer()
-            if isinstance(base, torch.nn.Linear):  # bitsandbytes' Linear4bit is one too
+            if isinstance(module.get_base_layer(), torch.nn.Linear):  # bitsandbytes' Linear4bit is one too
                 module.forward = _fused_forward.__get__(module)
                 module.fused_lora = True
                 count += 1
+    for parent in model.modules():
+        for names in GROUPS:
+            layers = [getattr(parent, name, None) for name in names]
+            if all(getattr(layer, "fused_lora", False) for layer in layers):
+                layers[0]._group_followers = tuple(layers[1:])
     return count

@@ -438,6 +438,8 @@ def test_fused_lora_is_the_same_math(tiny_demo, quantization, dropout):
             model.enable_input_require_grads()  # dx through every projection, as under checkpointing
         if fused:
             assert fused_lora.fuse_lora(model) == 7 * model.config.num_hidden_layers
+            attention = model.base_model.model.model.layers[0].self_attn
+            assert attention.q_proj._group_followers == (attention.k_proj, attention.v_proj)  # Q, K, V: one function
         model.train()
         torch.manual_seed(1)  # the dropout draws
         ids = torch.arange(3, 40).view(1, -1)
@@ -446,11 +448,17 @@ def test_fused_lora_is_the_same_math(tiny_demo, quantization, dropout):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         with model.disable_adapter(), torch.no_grad():  # adapter off (DPO's reference pass): the base alone
             reference = model(input_ids=ids, labels=ids).loss.item()
-        return loss.item(), grads, reference
+        with torch.no_grad():  # a sibling called on another input than its group's first projection: on its own
+            attention = model.base_model.model.model.layers[0].self_attn
+            attention.q_proj(torch.ones(2, 3, model.config.hidden_size))
+            k_alone = attention.k_proj(torch.full((2, 3, model.config.hidden_size), 0.5))
+        return loss.item(), grads, reference, k_alone
 
-    loss_off, grads_off, ref_off = model_and_grads(False)
-    loss_on, grads_on, ref_on = model_and_grads(True)
+    loss_off, grads_off, ref_off, k_off = model_and_grads(False)
+    loss_on, grads_on, ref_on, k_on = model_and_grads(True)
     assert math.isclose(loss_off, loss_on, rel_tol=1e-6), (loss_off, loss_on)
+    if dropout == 0.0:
+        assert torch.allclose(k_off, k_on, rtol=1e-5, atol=1e-6)
     assert ref_off == ref_on and not math.isclose(ref_on, loss_on, rel_tol=1e-4)
     assert grads_off.keys() == grads_on.keys() and len(grads_off) == 14 * 2
     for name in grads_off:

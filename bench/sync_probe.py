@@ -1,0 +1,72 @@
+"""Where the project's SFT step waits for the GPU: every host sync of a few steps, counted by call site.
+
+    python -m bench.sync_probe [--steps 3]        # CUDA; the bench's TinyLlama-shaped model and chat rows
+
+A CPU-bound step only overlaps with the GPU between syncs, so each sync (a .item(), a tensor read back to
+the host, a data-dependent shape) costs up to the GPU work queued before it. After two warm-up steps this
+turns on torch's sync debug mode and prints, for each synchronizing call site, how often it ran and the
+innermost frames of its Python stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3, help="steps probed after two warm-up steps")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sync_probe"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+    from transformers import TrainerCallback
+
+    import pipeline.sft as sft_mod
+    from bench import train_bench
+    from bench.synthetic import build_tinyllama_shaped, sft_rows, write_jsonl
+
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    base = str(build_tinyllama_shaped(args.work / "tinyllama-shaped"))
+    data = write_jsonl(sft_rows(400, seed=1, lo=60, hi=1400), args.work / "sft.jsonl")
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename][-6:]
+            sites["\n".join(f"    {f.filename}:{f.lineno} {f.name}" for f in frames)] += 1
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step == 2:
+                torch.cuda.set_sync_debug_mode("warn")
+            if state.global_step == 2 + args.steps:
+                torch.cuda.set_sync_debug_mode(0)
+                control.should_training_stop = True
+
+    original = sft_mod.make_callback
+    sft_mod.make_callback = lambda log, summary: train_bench.Both(original(log, summary), Probe())
+    warnings.simplefilter("always")
+    warnings.showwarning = record
+    cfg = SimpleNamespace(base=base, dtype="auto", seconds=600.0)
+    training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=2048, learning_rate=2e-4)
+    train_bench.run_stage(cfg, "sft", data, args.work / "run", training)
+    print(f"host syncs in {args.steps} steps of the SFT stage, by call site:")
+    for site, count in sites.most_common():
+        print(f"{count:5d}x\n{site}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
