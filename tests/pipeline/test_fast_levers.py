@@ -465,6 +465,33 @@ def test_fused_lora_is_the_same_math(tiny_demo, quantization, dropout):
         assert torch.allclose(grads_off[name], grads_on[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_fused_lora_under_gradient_checkpointing(tiny_demo):
+    """The recompute of a checkpointed layer runs the grouped functions again: the same gradients as without."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import fused_lora, modeling
+    from pipeline.specs import QuantSpec
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="none"), torch.float32)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                                target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        fused_lora.fuse_lora(model)
+        model.train()
+        ids = torch.arange(3, 40).view(1, -1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_varlen_attention_is_the_masked_packed_attention(demo_model, tokenizer):
     """Packed sequences through varlen attention (one row, sequence boundaries): the block-diagonal mask's loss
     and gradients."""
