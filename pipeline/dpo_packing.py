@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline import varlen_attention
+from pipeline import fast, varlen_attention
 
 PACKING_KEYS = ("packed_index", "packed_position_ids")
 
@@ -48,16 +48,10 @@ class PackedPairsCollator:
         return batch
 
 
-def _decoder(model):
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(model, "model", model)
-
-
 @contextlib.contextmanager
 def packing(model) -> Iterator[None]:
     """Inside the block, `model`'s decoder runs the batches of PackedPairsCollator packed, with varlen attention."""
-    decoder = _decoder(model)
+    decoder = fast.decoder_of(model)
     packed: dict[str, Any] = {}
 
     def before(module, args, kwargs):

@@ -431,12 +431,6 @@ def drop_right_padding_mask(model) -> Any:
     unchanged; pads' outputs differ but carry no loss. Masks with holes or left padding are kept.
     Returns the hook handle (remove it before generating).
     """
-    decoder = model
-    for attr in ("get_base_model",):
-        if hasattr(decoder, attr):
-            decoder = getattr(decoder, attr)()
-    decoder = getattr(decoder, "model", decoder)
-
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -448,4 +442,11 @@ def drop_right_padding_mask(model) -> Any:
             return args, kwargs
         return None
 
-    return decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    return decoder_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def decoder_of(model):
+    """The decoder stack (e.g. LlamaModel) under a causal LM, peft-wrapped or not."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "model", model)
