@@ -10,7 +10,9 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
      gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
   c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
-     (packed rows, gradient checkpointing only when memory needs it, Liger, fused AdamW; the recipe's steps).
+     (sequences packed into one row with varlen attention, one autograd function per LoRA projection or group,
+     NF4 weights dequantized once, gradient checkpointing only when memory needs it, Liger, fused AdamW; the
+     recipe's steps).
   c-warmup (SFT)  c run once first, not compared: it takes the Triton compiles of the first project run.
   c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
   c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
@@ -26,7 +28,8 @@ Each run is time-bounded: it stops after --seconds of training and at least 6 st
 the schedule is the nominal run's, so the learning rate is what the full run would use at those steps).
 Reported: real (non-pad) tokens/s over the steps after the first two, peak GPU memory (torch allocator;
 paged optimizer states live in managed memory and are not counted), loss around the same token count for
-all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes OUT_DIR/train_bench.json and prints a table.
+all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes
+OUT_DIR/train_bench.json and prints a table.
 """
 
 from __future__ import annotations
@@ -471,7 +474,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dpo_on:
         plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
                      lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
-    if dpo_on:
         padded = dict(fast_dpo, varlen_attention=False)
         plan.append(("dpo", "c-padded", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_padded", padded),
                      None))
