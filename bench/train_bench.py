@@ -516,7 +516,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 v["loss_at_T"] = loss_at(v["curve"], common)
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
-        for num in ("c", "c-nf4", "c-peft", "c-masked", "c-padded", "c-paged", "c-steps", "c-lowmem", "c-compile"):
+        for num in (k for k in runs if k.startswith("c") and k != "c-warmup"):  # c and its lever runs
             for den in ("a", "b"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)

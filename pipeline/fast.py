@@ -328,13 +328,13 @@ def dequantize_base(model) -> int:
     weights stay where they were. Returns the bytes the copies take (0: no 4-bit layers).
     """
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
+
+    from pipeline.fused_lora import base_weight
 
     total = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "dequantized_weight"):
-            state = module.weight.quant_state
-            weight = bnbf.dequantize_4bit(module.weight.data, state).to(module.compute_dtype or state.dtype)
+            weight = base_weight(module, module.compute_dtype or module.weight.quant_state.dtype)
             module.dequantized_weight = weight
             module.forward = _dequantized_forward.__get__(module)  # this module only
             total += weight.numel() * weight.element_size()
