@@ -1,6 +1,6 @@
-"""Where the project's SFT step waits for the GPU: every host sync of a few steps, counted by call site.
+"""Where the project's training step waits for the GPU: every host sync of a few steps, counted by call site.
 
-    python -m bench.sync_probe [--steps 3]        # CUDA; the bench's TinyLlama-shaped model and chat rows
+    python -m bench.sync_probe [--steps 3] [--stage sft|dpo]   # CUDA; the bench's TinyLlama-shaped model and data
 
 A CPU-bound step only overlaps with the GPU between syncs, so each sync (a .item(), a tensor read back to
 the host, a data-dependent shape) costs up to the GPU work queued before it. After two warm-up steps this
@@ -23,6 +23,7 @@ from types import SimpleNamespace
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="steps probed after two warm-up steps")
+    ap.add_argument("--stage", choices=["sft", "dpo"], default="sft")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sync_probe"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,16 +31,24 @@ def main(argv=None) -> int:
     import torch
     from transformers import TrainerCallback
 
+    import pipeline.dpo as dpo_mod
     import pipeline.sft as sft_mod
     from bench import train_bench
-    from bench.synthetic import build_tinyllama_shaped, sft_rows, write_jsonl
+    from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     base = str(build_tinyllama_shaped(args.work / "tinyllama-shaped"))
-    data = write_jsonl(sft_rows(400, seed=1, lo=60, hi=1400), args.work / "sft.jsonl")
+    if args.stage == "sft":
+        data = write_jsonl(sft_rows(400, seed=1, lo=60, hi=1400), args.work / "sft.jsonl")
+        training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=2048,
+                        learning_rate=2e-4)
+    else:
+        data = write_jsonl(dpo_rows(400, seed=2, lo=30, hi=300), args.work / "dpo.jsonl")
+        training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=1024,
+                        learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -55,14 +64,14 @@ def main(argv=None) -> int:
                 torch.cuda.set_sync_debug_mode(0)
                 control.should_training_stop = True
 
-    original = sft_mod.make_callback
-    sft_mod.make_callback = lambda log, summary: train_bench.Both(original(log, summary), Probe())
+    module = sft_mod if args.stage == "sft" else dpo_mod
+    original = module.make_callback
+    module.make_callback = lambda log, summary: train_bench.Both(original(log, summary), Probe())
     warnings.simplefilter("always")
     warnings.showwarning = record
     cfg = SimpleNamespace(base=base, dtype="auto", seconds=600.0)
-    training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=2048, learning_rate=2e-4)
-    train_bench.run_stage(cfg, "sft", data, args.work / "run", training)
-    print(f"host syncs in {args.steps} steps of the SFT stage, by call site:")
+    train_bench.run_stage(cfg, args.stage, data, args.work / "run", training)
+    print(f"host syncs in {args.steps} steps of the {args.stage.upper()} stage, by call site:")
     for site, count in sites.most_common():
         print(f"{count:5d}x\n{site}")
     return 0

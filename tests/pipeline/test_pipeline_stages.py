@@ -216,8 +216,10 @@ def test_dpo_events(dpo_job):
 def test_dpo_starts_at_the_reference_and_learns(dpo_job):
     steps = dpo_job.of("step")
     # The policy starts as the reference (the SFT model with the new adapter off): loss ln 2, no margin.
+    # (Its reward accuracy counts margins > 0: at a tie, float rounding between the reference pass and the
+    # policy pass decides it, so it is not checked here.)
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert steps[0]["reward_margin"] == pytest.approx(0, abs=1e-4) and steps[0]["reward_accuracy"] == 0
+    assert steps[0]["reward_margin"] == pytest.approx(0, abs=1e-4)
     last = steps[-2:]
     assert max(s["loss"] for s in last) < 0.5 * steps[0]["loss"]
     assert min(s["reward_accuracy"] for s in last) >= 0.75
