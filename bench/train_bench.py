@@ -11,12 +11,11 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
   c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
      (sequences packed into one row with varlen attention, one autograd function per LoRA projection or group,
-     NF4 weights dequantized once, gradient checkpointing only when memory needs it, Liger, fused AdamW, a step
-     without host syncs; the recipe's steps).
+     NF4 weights dequantized once, gradient checkpointing only when memory needs it, Liger, fused AdamW; the
+     recipe's steps).
   c-warmup (SFT)  c run once first, not compared: it takes the Triton compiles of the first project run.
   c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
   c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
-  c-syncs (SFT)  c with sync_free_step=false (TRL's loss and metrics, blocking batch copies, the NaN check).
   c-masked (SFT)  c with varlen_attention=false (rows of max_length under a block-diagonal mask through sdpa).
   c-padded (DPO)  c with varlen_attention=false (TRL's rows padded to the longest, attention mask dropped).
   c-paged (SFT)  c with fused_optimizer=false (the recipe's paged bitsandbytes AdamW instead of torch's fused one).
@@ -483,12 +482,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan.append(("sft", "c-nf4", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_nf4", nf4), None))
         peft_lora = dict(fast_sft, fused_lora=False)
         plan.append(("sft", "c-peft", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_peft", peft_lora), None))
-        for multiple in (1, 128, 512, 1024):
-            padded_to = dict(fast_sft, pad_to_multiple_of=multiple)
-            plan.append(("sft", f"c-pad{multiple}", lambda t=padded_to, m=multiple: run_stage(
-                cfg, "sft", sft_path, cfg.work / f"sft_pad{m}", t), None))
-        synced = dict(fast_sft, sync_free_step=False)
-        plan.append(("sft", "c-syncs", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_syncs", synced), None))
         masked = dict(fast_sft, varlen_attention=False)
         plan.append(("sft", "c-masked", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_masked", masked),
                      None))

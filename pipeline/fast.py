@@ -14,9 +14,6 @@
 - `varlen_attention` (with padding_free): one packed row per micro-batch, variable-length attention over the
   sequence boundaries (pipeline.varlen_attention). SFT: instead of max_length rows under a block-diagonal mask;
   DPO: instead of TRL's padded rows (pipeline.dpo_packing).
-- `sync_free_step`: a step that never waits for the GPU before the next step's log: batches copied without
-  blocking, no per-micro-batch NaN check on the host, and (SFT, packed) the loss over labelled positions the
-  collator lists on the CPU, with the real-token count from the collator (pipeline.sft_loss).
 - `activation_offloading`: TRL's offloading of saved activations to pinned CPU memory (CUDA only).
 - `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training.
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
@@ -35,8 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-
-from pipeline import sft_loss
 
 # Saved activations per token per decoder layer without checkpointing, in units of the compute dtype's
 # size: ~16 x hidden + 8 x intermediate (LoRA dropout copies included). TinyLlama at b8 x 2048 in bf16:
@@ -67,7 +62,6 @@ class Levers:
     dequantized_base: bool = False
     fused_lora: bool = False
     varlen_attention: bool = False
-    sync_free_step: bool = False
     batch_size: int = 1  # micro-batch the Trainer runs (accumulation fused in when it fits max_tokens_per_batch)
     accumulation: int = 1
     optim: str = "adamw_torch"  # the optimizer the Trainer really runs
@@ -80,14 +74,8 @@ class Levers:
 
     def config_kwargs(self) -> dict[str, Any]:
         """TrainingArguments fields of the levers (gradient checkpointing and the batch shape are set apart)."""
-        kwargs = dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading,
-                      torch_compile=self.torch_compile)
-        if self.sync_free_step:
-            # Batches copied to the GPU without waiting (from pinned memory), and no NaN check of each micro-batch's
-            # loss on the host: a NaN loss is then logged as NaN rather than replaced by the running mean.
-            kwargs.update(accelerator_config={"non_blocking": True}, dataloader_pin_memory=True,
-                          logging_nan_inf_filter=False)
-        return kwargs
+        return dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading,
+                    torch_compile=self.torch_compile)
 
     def effective(self) -> dict[str, Any]:
         return {
@@ -102,7 +90,6 @@ class Levers:
             "dequantized_base": self.dequantized_base,
             "fused_lora": self.fused_lora,
             "varlen_attention": self.varlen_attention,
-            "sync_free_step": self.sync_free_step,
             "optim": self.optim,
             "master_weights_fp32": self.master_fp32,
             "tokens_per_step": self.tokens_per_step,
@@ -157,8 +144,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
     sizes the token-budget optimizer step. None: the step stays the recipe's.
     """
     lv = Levers(padding_free=t.padding_free, activation_offloading=t.activation_offloading,
-                torch_compile=t.torch_compile, fused_lora=t.fused_lora, sync_free_step=t.sync_free_step,
-                batch_size=t.per_device_train_batch_size,
+                torch_compile=t.torch_compile, fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
                 accumulation=t.gradient_accumulation_steps,
                 max_steps=t.max_steps, save_steps=t.save_steps)
 
@@ -393,15 +379,13 @@ class PackedRowsCollator:
     predicted from the previous sequence), position_ids; no attention_mask, so transformers derives the
     block-diagonal causal mask from position_ids. With `cu_seq_lens`, also the sequence boundaries of the
     flattened rows for variable-length attention (pipeline.varlen_attention): cu_seq_lens_q/_k (int32; a row's
-    padding is a segment of its own) and max_length_q/_k (an int). With `loss_positions`, also the labelled
-    positions and the count of real tokens that the sync-free loss takes from the CPU (pipeline.sft_loss).
+    padding is a segment of its own) and max_length_q/_k (an int).
     """
 
     pad_token_id: int
     capacity: int
     pad_to_multiple_of: Optional[int] = None
     cu_seq_lens: bool = False
-    loss_positions: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
@@ -434,9 +418,6 @@ class PackedRowsCollator:
             cu = torch.tensor(bounds, dtype=torch.int32)
             longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        if self.loss_positions:
-            batch.update(sft_loss.loss_positions(out_labels))
-            batch[sft_loss.REAL_TOKENS] = sum(len(x) for x in ids)
         return batch
 
 

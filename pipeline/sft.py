@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from pipeline import fast, fused_lora, modeling, sft_loss, training, varlen_attention
+from pipeline import fast, fused_lora, modeling, training, varlen_attention
 from pipeline.events import EventLog, make_callback
 from pipeline.specs import SFTSpec
 
@@ -40,9 +40,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         if levers.varlen_attention:
             capacity = levers.batch_size * spec.training.max_length
         collator = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=capacity,
-                                           pad_to_multiple_of=spec.training.pad_to_multiple_of or None,
-                                           cu_seq_lens=levers.varlen_attention,
-                                           loss_positions=levers.sync_free_step and not levers.torch_compile)
+                                           cu_seq_lens=levers.varlen_attention)
     summary: dict = {}
     set_seed(spec.training.seed)  # LoRA init draws from the RNG: same seed, same adapter init
     trainer = SFTTrainer(
@@ -61,13 +59,6 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     if levers.fused_lora:
         fused_lora.fuse_lora(trainer.model)
     fast.trim_trainer_overhead(trainer)
-    if collator is not None and collator.loss_positions:
-        why_not = sft_loss.unsupported(trainer.model)
-        if why_not:
-            collator.loss_positions = False
-            levers.notes.append(f"sync_free_step keeps TRL's loss: {why_not}")
-        else:
-            sft_loss.install(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
     with attention:  # the training loop only: generation afterwards keeps sdpa and its masks

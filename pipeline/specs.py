@@ -104,13 +104,6 @@ class TrainingSpec(_Spec):
         "all in one forward when the whole step fits: the same sequences per step, the same gradient, fewer "
         "and larger kernels. 0: off.",
     )
-    pad_to_multiple_of: int = Field(
-        256, ge=0, le=65_536,
-        description="SFT with padding_free: pad each packed micro-batch to a multiple of this many tokens. The pads "
-        "carry no loss and, with varlen attention, attend only to each other; what they buy is matmul shapes that "
-        "repeat from step to step, so cuBLAS reuses its kernel choice instead of choosing anew for every new "
-        "length, host work in a step that is bound by the host (BENCHMARKS.md). 0 or 1: no padding.",
-    )
     fused_optimizer: bool = Field(
         True,
         description="CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
@@ -158,14 +151,6 @@ class TrainingSpec(_Spec):
         "the sequence boundaries (each sequence's own causal attention, exactly). SFT: instead of rows of max_length "
         "with a block-diagonal mask through sdpa; DPO: instead of TRL's rows padded to the longest, so no padding "
         "is computed. CUDA kernel from torch >= 2.10; on a CPU each sequence runs through causal sdpa on its own.",
-    )
-    sync_free_step: bool = Field(
-        True,
-        description="Keep the host from waiting on the GPU inside a step, so the CPU queues the next kernels while "
-        "the GPU runs the last: batches copied from pinned memory without blocking, no NaN check of each "
-        "micro-batch's loss on the host (a NaN loss is logged as NaN instead of being replaced by the running mean), "
-        "and, for SFT with padding_free, the loss computed over labelled positions the collator lists on the CPU "
-        "(the same loss as TRL's; TRL's entropy and token-accuracy logs are not computed).",
     )
     activation_offloading: bool = Field(
         False,

@@ -222,92 +222,6 @@ def demo_model(tiny_demo):
     return load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32).eval()
 
 
-def test_packed_collator_lists_the_labelled_positions_for_the_sync_free_loss():
-    from pipeline import sft_loss
-
-    collate = fast.PackedRowsCollator(pad_token_id=3, capacity=8, loss_positions=True)
-    batch = collate([{"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}, {"input_ids": [20, 21, 22, 23]},
-                     {"input_ids": [30, 31, 32, 33, 34]}])
-    labels = batch["labels"]
-    # What a causal LM's shifted loss scores: position t of a row predicts label t + 1 of that row.
-    expected = [(r * labels.shape[1] + t, labels[r, t + 1].item()) for r in range(labels.shape[0])
-                for t in range(labels.shape[1] - 1) if labels[r, t + 1] != -100]
-    assert list(zip(batch[sft_loss.LOSS_INDEX].tolist(), batch[sft_loss.LOSS_TARGETS].tolist())) == expected
-    assert len(expected) == 2 + 3 + 4  # each sequence but its first token (and the labels it masks)
-    assert batch[sft_loss.REAL_TOKENS] == 12  # the pads are not counted
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_is_the_lm_head_loss(dtype, monkeypatch):
-    from pipeline import sft_loss
-
-    monkeypatch.setattr(sft_loss, "CHUNK_LOGIT_BYTES", 4 * 50 * 7)  # chunks of 7 tokens: 3 chunks and a part
-    torch.manual_seed(0)
-    weight = torch.randn(50, 16, dtype=dtype)
-    hidden = torch.randn(23, 16, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, 50, (23,))
-    ours = sft_loss.LinearCrossEntropy.apply(hidden, weight, targets) / 23
-    ours.backward()
-    ours_grad, hidden.grad = hidden.grad, None
-    reference = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets)  # transformers' loss
-    reference.backward()
-    tol = 1e-5 if dtype is torch.float32 else 2e-2
-    assert ours.dtype == torch.float32 and math.isclose(ours.item(), reference.item(), rel_tol=tol)
-    assert ours_grad.dtype == dtype and torch.allclose(ours_grad.float(), hidden.grad.float(), rtol=tol, atol=tol * 0.1)
-
-
-def test_sync_free_loss_keeps_trls_loss_for_heads_it_does_not_compute(tiny_demo):
-    from peft import LoraConfig, get_peft_model
-
-    from pipeline import modeling, sft_loss
-    from pipeline.specs import QuantSpec
-
-    def adapted(targets: list[str]):
-        base = modeling.load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32)
-        return get_peft_model(base, LoraConfig(r=4, target_modules=targets))
-
-    model = adapted(["q_proj", "v_proj"])
-    assert sft_loss.unsupported(model) is None  # a frozen, plain LM head
-    model.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping" in sft_loss.unsupported(model)
-    assert "not a plain linear layer" in sft_loss.unsupported(adapted(["q_proj", "lm_head"]))
-    assert "trained" in sft_loss.unsupported(modeling.load_base(tiny_demo, QuantSpec(quantization="none"),
-                                                                torch.float32))
-
-
-def test_sync_free_loss_is_trls_loss_under_the_trainers_mixed_precision(tiny_demo, tokenizer, tmp_path):
-    """Installed on an SFTTrainer training in bf16: TRL's loss on the same packed batch, with the decoder under
-    the Trainer's autocast (the fp32 LoRA weights cast to bf16, as in the model's own forward)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from pipeline import modeling, sft_loss
-    from pipeline.specs import QuantSpec
-
-    examples = _sft_examples(tokenizer, 4)
-    collate = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=1024, cu_seq_lens=False,
-                                      loss_positions=True)
-    model = modeling.load_base(tiny_demo, QuantSpec(quantization="none"), torch.bfloat16)
-    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True,
-                                                     report_to="none", max_length=256),
-                         train_dataset=Dataset.from_list(examples), processing_class=tokenizer, data_collator=collate,
-                         peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    modeling.cast_trainable(trainer.model, torch.bfloat16, master_fp32=True)
-    batch = collate(examples)
-    plain = {k: v for k, v in batch.items() if k not in sft_loss.OWN_KEYS or k == "labels"}
-    trl_loss = trainer.compute_loss(trainer.model, dict(plain))
-    sft_loss.install(trainer)
-    autocast_seen = []
-    probe = fast.decoder_of(trainer.model).layers[0].register_forward_hook(
-        lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
-    loss = trainer.compute_loss(trainer.model, batch)
-    probe.remove()
-    assert autocast_seen == [True]
-    assert math.isclose(loss.item(), trl_loss.item(), rel_tol=1e-2), (loss, trl_loss)
-    assert trainer.compute_loss(trainer.model, dict(plain)).item() == trl_loss.item()  # no positions: TRL's loss
-
-
 def _sft_examples(tokenizer, n: int) -> list[dict]:
     from pipeline.chat import render
     from pipeline.samples import SFT_SAMPLE
@@ -380,10 +294,10 @@ def test_left_padding_mask_is_kept(demo_model):
 
 OFF = dict(padding_free=False, max_tokens_per_batch=0, gradient_checkpointing=True, use_liger_kernel=False,
            precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0, dequantized_base=False,
-           fused_lora=False, varlen_attention=False, sync_free_step=False)
+           fused_lora=False, varlen_attention=False)
 ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing="auto", use_liger_kernel=True,
           precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto", dequantized_base="auto",
-          fused_lora=True, varlen_attention=True, sync_free_step=True)
+          fused_lora=True, varlen_attention=True)
 
 
 def _steps(job_dir: Path) -> list[dict]:
@@ -425,7 +339,6 @@ def test_sft_levers_learn_the_same(tmp_path):
     start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["padding_free"] and start["levers"]["micro_batch_size"] == 8
     assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]
-    assert start["levers"]["sync_free_step"] and not any("TRL's loss" in n for n in start["levers"]["lever_notes"])
     assert [s["step"] for s in on] == [1, 2] == [s["step"] for s in off]
     for a, b in zip(off, on):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
