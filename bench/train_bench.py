@@ -11,14 +11,13 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
   c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
      (sequences packed into one row with varlen attention, one autograd function per LoRA projection or group,
-     NF4 weights dequantized once, gradient checkpointing only when memory needs it, torch's fused RMSNorm,
-     Liger's RoPE, fused AdamW; the recipe's steps).
+     NF4 weights dequantized once, gradient checkpointing only when memory needs it, Liger's RoPE, fused AdamW;
+     the recipe's steps).
   c-warmup (SFT)  c run once first, not compared: it takes the Triton compiles of the first project run.
   c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
   c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
-  c-liger-all (SFT)  c with every Liger kernel (RoPE, SwiGLU, RMSNorm: use_liger_kernel=true, fused_rms_norm=false),
-     the default before round 10.
-  c-eager-norm (SFT)  c with fused_rms_norm=false (transformers' own RMSNorm ops).
+  c-liger-all (SFT)  c with use_liger_kernel=true: Liger's SwiGLU and RMSNorm as well as its RoPE (the default
+     before round 10).
   c-masked (SFT)  c with varlen_attention=false (rows of max_length under a block-diagonal mask through sdpa).
   c-padded (DPO)  c with varlen_attention=false (TRL's rows padded to the longest, attention mask dropped).
   c-paged (SFT)  c with fused_optimizer=false (the recipe's paged bitsandbytes AdamW instead of torch's fused one).
@@ -485,12 +484,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan.append(("sft", "c-nf4", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_nf4", nf4), None))
         peft_lora = dict(fast_sft, fused_lora=False)
         plan.append(("sft", "c-peft", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_peft", peft_lora), None))
-        liger_all = dict(fast_sft, use_liger_kernel=True, fused_rms_norm=False)
+        liger_all = dict(fast_sft, use_liger_kernel=True)
         plan.append(("sft", "c-liger-all", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_liger_all", liger_all),
                      None))
-        eager_norm = dict(fast_sft, fused_rms_norm=False)
-        plan.append(("sft", "c-eager-norm", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_eager_norm",
-                                                             eager_norm), None))
         masked = dict(fast_sft, varlen_attention=False)
         plan.append(("sft", "c-masked", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_masked", masked),
                      None))

@@ -109,8 +109,6 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         fast.dequantize_base(trainer.model)
     if levers.fused_lora:
         fused_lora.fuse_lora(trainer.model)
-    if levers.fused_rms_norm:
-        fast.fuse_rms_norms(trainer.model)
     fast.trim_trainer_overhead(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base

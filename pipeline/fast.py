@@ -9,9 +9,8 @@
   under causal attention no real token can see a pad to its right, so the attention mask is dropped
   (exact for every real token) and sdpa takes the flash kernel with native GQA instead of a masked kernel.
 - `gradient_checkpointing: "auto"`: off when the estimated activations of one micro-batch fit in free GPU memory.
-- `use_liger_kernel`: Liger's Triton kernels (CUDA only: skipped on CPU with a note); 'auto': RoPE, and SwiGLU
-  under gradient checkpointing only (its recompute saves memory; otherwise its host cost outweighs it).
-- `fused_rms_norm`: Llama's RMSNorm through torch's fused rms_norm kernel (fused_rms_norms).
+- `use_liger_kernel`: Liger's RoPE/SwiGLU/RMSNorm Triton kernels (CUDA only: skipped on CPU with a note); 'auto':
+  all three under gradient checkpointing (less memory), else RoPE only (less host time a step).
 - `fused_lora`: each LoRA projection as one autograd function (pipeline.fused_lora).
 - `varlen_attention` (with padding_free): one packed row per micro-batch, variable-length attention over the
   sequence boundaries (pipeline.varlen_attention). SFT: instead of max_length rows under a block-diagonal mask;
@@ -58,8 +57,7 @@ class Levers:
     padding_free: bool = False
     gradient_checkpointing: bool = True
     use_liger_kernel: bool = False
-    liger_swiglu: bool = True  # with use_liger_kernel: Liger's SwiGLU too ('auto': only under checkpointing)
-    fused_rms_norm: bool = False
+    liger_all: bool = True  # with use_liger_kernel: SwiGLU and RMSNorm too, not RoPE alone
     activation_offloading: bool = False
     precompute_ref_log_probs: bool = False
     torch_compile: bool = False
@@ -81,14 +79,13 @@ class Levers:
         kwargs = dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading,
                       torch_compile=self.torch_compile)
         if self.use_liger_kernel:
-            kwargs["liger_kernel_config"] = {"rope": True, "swiglu": self.liger_swiglu,
-                                             "rms_norm": not self.fused_rms_norm}
+            kwargs["liger_kernel_config"] = {"rope": True, "swiglu": self.liger_all, "rms_norm": self.liger_all}
         return kwargs
 
     def liger_kernels(self) -> list[str]:
         if not self.use_liger_kernel:
             return []
-        return ["rope"] + ["swiglu"] * self.liger_swiglu + ["rms_norm"] * (not self.fused_rms_norm)
+        return ["rope", "swiglu", "rms_norm"] if self.liger_all else ["rope"]
 
     def effective(self) -> dict[str, Any]:
         return {
@@ -98,7 +95,6 @@ class Levers:
             "gradient_checkpointing": self.gradient_checkpointing,
             "use_liger_kernel": self.use_liger_kernel,
             "liger_kernels": self.liger_kernels(),
-            "fused_rms_norm": self.fused_rms_norm,
             "activation_offloading": self.activation_offloading,
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
             "torch_compile": self.torch_compile,
@@ -159,8 +155,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
     sizes the token-budget optimizer step. None: the step stays the recipe's.
     """
     lv = Levers(padding_free=t.padding_free, activation_offloading=t.activation_offloading,
-                torch_compile=t.torch_compile, fused_lora=t.fused_lora, fused_rms_norm=t.fused_rms_norm,
-                batch_size=t.per_device_train_batch_size,
+                torch_compile=t.torch_compile, fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
                 accumulation=t.gradient_accumulation_steps,
                 max_steps=t.max_steps, save_steps=t.save_steps)
 
@@ -253,7 +248,8 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         why_not = liger_available()
         if why_not is None:
             lv.use_liger_kernel = True
-            lv.liger_swiglu = t.use_liger_kernel is True or lv.gradient_checkpointing
+            # 'auto': without checkpointing Liger's SwiGLU and RMSNorm cost more host time than they save
+            lv.liger_all = t.use_liger_kernel is True or lv.gradient_checkpointing
         else:
             lv.notes.append(f"use_liger_kernel skipped: {why_not}")
 
@@ -362,32 +358,6 @@ def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     weight = self.dequantized_weight
     bias = None if self.bias is None else self.bias.to(weight.dtype)
     return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-
-
-# ---------------------------------------------------------------- RMSNorm through torch's fused kernel
-
-
-def fuse_rms_norms(model) -> int:
-    """Run every Llama RMSNorm of `model` through torch.nn.functional.rms_norm; returns how many.
-
-    transformers computes x * rsqrt(mean(x^2) + eps) in fp32 and scales by the weight, as eight ops forward and
-    more backward; torch's rms_norm does the same normalization in fp32 in one fused kernel each way. Only this
-    model's modules change (their bound forward).
-    """
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LlamaRMSNorm):
-            module.forward = _fused_rms_norm_forward.__get__(module)
-            count += 1
-    return count
-
-
-def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if self.weight.dtype != x.dtype:  # transformers' formula then returns the weight's dtype: keep its path
-        return type(self).forward(self, x)
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
 
 
 # ---------------------------------------------------------------- SFT: packed rows, no attention mask

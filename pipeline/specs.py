@@ -138,17 +138,10 @@ class TrainingSpec(_Spec):
     )
     use_liger_kernel: Union[bool, Literal["auto"]] = Field(
         "auto",
-        description="Liger's fused Triton kernels (CUDA only; skipped with a note on a CPU). true: its RoPE and "
-        "SwiGLU, and its RMSNorm unless fused_rms_norm. 'auto': the ones that pay in this host-bound step "
-        "(BENCHMARKS.md): RoPE always; SwiGLU only with gradient checkpointing, where its recompute of the product "
-        "saves memory (each Liger call costs ~0.2 ms of host time; transformers' two-op SwiGLU costs less). "
-        "false: none.",
-    )
-    fused_rms_norm: bool = Field(
-        True,
-        description="Run each Llama RMSNorm through torch's fused rms_norm kernel (one call forward, one backward; "
-        "the normalization in fp32 as transformers does) instead of transformers' eight-op chain or Liger's Triton "
-        "kernel, whose Python launch costs more host time than the kernel saves in this host-bound step.",
+        description="Liger's fused Triton kernels for RoPE, SwiGLU and RMSNorm (CUDA only; skipped with a note on "
+        "a CPU). true: all three. 'auto': all three with gradient checkpointing, where they keep the recompute's "
+        "memory small; without it only RoPE: each Liger call costs ~0.2 ms of host time, and in this host-bound "
+        "step transformers' own SwiGLU and RMSNorm ops cost less (BENCHMARKS.md). false: none.",
     )
     fused_lora: bool = Field(
         True,

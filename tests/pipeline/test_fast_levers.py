@@ -294,10 +294,10 @@ def test_left_padding_mask_is_kept(demo_model):
 
 OFF = dict(padding_free=False, max_tokens_per_batch=0, gradient_checkpointing=True, use_liger_kernel=False,
            precompute_ref_log_probs=False, fused_optimizer=False, tokens_per_step=0, dequantized_base=False,
-           fused_lora=False, varlen_attention=False, fused_rms_norm=False)
+           fused_lora=False, varlen_attention=False)
 ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing="auto", use_liger_kernel=True,
           precompute_ref_log_probs="auto", fused_optimizer=True, tokens_per_step="auto", dequantized_base="auto",
-          fused_lora=True, varlen_attention=True, fused_rms_norm=True)
+          fused_lora=True, varlen_attention=True)
 
 
 def _steps(job_dir: Path) -> list[dict]:
@@ -338,7 +338,7 @@ def test_sft_levers_learn_the_same(tmp_path):
     on_summary, on = _run(run_sft, _sft_spec(ON), tmp_path / "on")
     start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["padding_free"] and start["levers"]["micro_batch_size"] == 8
-    assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"] and start["levers"]["fused_rms_norm"]
+    assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]
     assert [s["step"] for s in on] == [1, 2] == [s["step"] for s in off]
     for a, b in zip(off, on):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
@@ -588,45 +588,7 @@ def test_trimmed_trainer_overhead_gives_the_same_answers(tiny_demo, tmp_path):
     assert not any(m.training for m in model.modules())
 
 
-def test_fused_rms_norm_is_transformers_rms_norm(tiny_demo):
-    from peft import LoraConfig, get_peft_model
-
-    from pipeline import modeling
-    from pipeline.specs import QuantSpec
-
-    def loss_and_grads(fuse: bool, dtype: torch.dtype):
-        torch.manual_seed(0)
-        base = modeling.load_base(tiny_demo, QuantSpec(quantization="none"), dtype)
-        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
-        if fuse:
-            assert fast.fuse_rms_norms(model) == 2 * model.config.num_hidden_layers + 1  # two a layer, the final one
-        ids = torch.arange(3, 60).view(1, -1)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        plain, plain_grads = loss_and_grads(False, dtype)
-        fused, fused_grads = loss_and_grads(True, dtype)
-        assert math.isclose(fused, plain, rel_tol=tol), (dtype, fused, plain)
-        for name, grad in plain_grads.items():
-            assert torch.allclose(fused_grads[name], grad, rtol=tol * 10, atol=tol), (dtype, name)
-
-
-def test_fused_rms_norm_keeps_transformers_path_for_a_weight_of_another_dtype():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    norm = LlamaRMSNorm(8)  # fp32 weight
-    x = torch.randn(2, 8, dtype=torch.bfloat16)
-    expected = norm(x)
-    fast.fuse_rms_norms(norm)
-    out = norm(x)
-    assert out.dtype == expected.dtype == torch.float32 and torch.equal(out, expected)
-    same = norm(x.float())  # same dtypes: the fused kernel
-    assert torch.allclose(same, LlamaRMSNorm.forward(norm, x.float()), rtol=1e-6, atol=1e-6)
-
-
-def test_liger_auto_keeps_swiglu_for_gradient_checkpointing_only(tiny_demo, monkeypatch):
+def test_liger_auto_is_rope_alone_unless_gradient_checkpointing(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_demo)
@@ -636,11 +598,11 @@ def test_liger_auto_keeps_swiglu_for_gradient_checkpointing_only(tiny_demo, monk
         lv = fast.resolve(TrainingSpec(**fields), "sft", config, torch.float32, rows=10)
         return lv.liger_kernels(), lv.config_kwargs().get("liger_kernel_config")
 
-    assert TrainingSpec().use_liger_kernel == "auto" and TrainingSpec().fused_rms_norm is True
+    every = ["rope", "swiglu", "rms_norm"]
+    assert TrainingSpec().use_liger_kernel == "auto"
     assert kernels(gradient_checkpointing=False) == (["rope"], {"rope": True, "swiglu": False, "rms_norm": False})
-    assert kernels(gradient_checkpointing=True)[0] == ["rope", "swiglu"]
-    assert kernels(use_liger_kernel=True, gradient_checkpointing=False)[0] == ["rope", "swiglu"]
-    assert kernels(use_liger_kernel=True, fused_rms_norm=False)[0] == ["rope", "swiglu", "rms_norm"]
+    assert kernels(gradient_checkpointing=True) == (every, {"rope": True, "swiglu": True, "rms_norm": True})
+    assert kernels(use_liger_kernel=True, gradient_checkpointing=False)[0] == every
     assert kernels(use_liger_kernel=False) == ([], None)
 
 
