@@ -43,12 +43,9 @@ def main(argv=None) -> int:
     base = str(build_tinyllama_shaped(args.work / "tinyllama-shaped"))
     if args.stage == "sft":
         data = write_jsonl(sft_rows(400, seed=1, lo=60, hi=1400), args.work / "sft.jsonl")
-        training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=2048,
-                        learning_rate=2e-4)
     else:
         data = write_jsonl(dpo_rows(400, seed=2, lo=30, hi=300), args.work / "dpo.jsonl")
-        training = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=1024,
-                        learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+    training = train_bench.stage_training(args.stage, 2048 if args.stage == "sft" else 1024)
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):

@@ -224,6 +224,14 @@ def fresh_dir(out: Path) -> Path:
     return out
 
 
+def stage_training(stage: str, max_length: int) -> dict:
+    """The c runs' training fields: b's shape (8 sequences a step, no accumulation), the recipe's schedule."""
+    shape = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=max_length)
+    if stage == "sft":
+        return dict(shape, learning_rate=2e-4, num_train_epochs=1)
+    return dict(shape, learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+
+
 def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
     """The project's stage function, in-process, with the meter added to its callbacks."""
     import pipeline.dpo as dpo_mod
@@ -445,10 +453,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def left() -> bool:
         return time.time() - t_start < cfg.budget_s
 
-    fast_sft = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=sft_len,
-                    learning_rate=2e-4, num_train_epochs=1)
-    fast_dpo = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, max_length=dpo_len,
-                    learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
+    fast_sft, fast_dpo = stage_training("sft", sft_len), stage_training("dpo", dpo_len)
     if cfg.smoke:
         # tokens_per_step 'auto' is off on a CPU: name a budget so the smoke run goes through token-budget steps.
         fast_dpo["tokens_per_step"] = 4096

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from pipeline import dpo_packing, fast, fused_lora, modeling, training
+from pipeline import dpo_packing, fast, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
 from pipeline.events import EventLog, make_callback
@@ -104,12 +104,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         peft_config=training.lora_config(spec.lora),
         callbacks=[make_callback(log, summary)],
     )
-    modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
-    if levers.dequantized_base:
-        fast.dequantize_base(trainer.model)
-    if levers.fused_lora:
-        fused_lora.fuse_lora(trainer.model)
-    fast.trim_trainer_overhead(trainer)
+    training.prepare_model(trainer, dtype, levers)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
     # TRL's DPO padding-free is disabled upstream. Packed batches with varlen attention compute no padding;

@@ -397,7 +397,6 @@ class PackedRowsCollator:
 
     pad_token_id: int
     capacity: int
-    pad_to_multiple_of: Optional[int] = None
     cu_seq_lens: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -405,8 +404,6 @@ class PackedRowsCollator:
         labels = [list(e["labels"]) if e.get("labels") is not None else list(e["input_ids"]) for e in examples]
         rows = pack_rows([len(x) for x in ids], self.capacity)
         width = max(sum(len(ids[i]) for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), width), -100, dtype=torch.long)
         out_pos = torch.zeros((len(rows), width), dtype=torch.long)

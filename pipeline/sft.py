@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from pipeline import fast, fused_lora, modeling, training, varlen_attention
+from pipeline import fast, modeling, training, varlen_attention
 from pipeline.events import EventLog, make_callback
 from pipeline.specs import SFTSpec
 
@@ -53,12 +53,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         peft_config=training.lora_config(spec.lora),
         callbacks=[make_callback(log, summary)],
     )
-    modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
-    if levers.dequantized_base:
-        fast.dequantize_base(trainer.model)
-    if levers.fused_lora:
-        fused_lora.fuse_lora(trainer.model)
-    fast.trim_trainer_overhead(trainer)
+    training.prepare_model(trainer, dtype, levers)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
     with attention:  # the training loop only: generation afterwards keeps sdpa and its masks

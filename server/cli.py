@@ -89,8 +89,6 @@ def _serve(args: argparse.Namespace) -> int:
     run_worker = False if getattr(args, "no_worker", False) else None
     if transport == "stdio":
         return _serve_stdio(run_worker)
-    from server.errors import UserError
-
     try:
         settings = _load_server_stack()
         import anyio
@@ -100,10 +98,19 @@ def _serve(args: argparse.Namespace) -> int:
 
         check_bind(args.host, settings.token.get_secret_value() if settings.token else None)
         anyio.run(serve_http, Runtime(settings, run_worker=run_worker), transport, args.host, args.port)
-    except UserError as exc:
-        print(f"tinyllama-mcp: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        return _user_error_exit(exc)
     return 0
+
+
+def _user_error_exit(exc: Exception) -> int:
+    """A UserError becomes one line on stderr and exit status 2; anything else propagates."""
+    from server.errors import UserError  # imported late: over stdio, pydantic would hold up the early answers
+
+    if not isinstance(exc, UserError):
+        raise exc
+    print(f"tinyllama-mcp: {exc}", file=sys.stderr)
+    return 2
 
 
 def _serve_stdio(run_worker: Optional[bool]) -> int:
@@ -125,12 +132,7 @@ def _serve_stdio(run_worker: Optional[bool]) -> int:
 
         anyio.run(serve_stdio, Runtime(settings, run_worker=run_worker), front)
     except Exception as exc:
-        from server.errors import UserError  # not before: pydantic would hold up the early answers
-
-        if not isinstance(exc, UserError):
-            raise
-        print(f"tinyllama-mcp: {exc}", file=sys.stderr)
-        return 2
+        return _user_error_exit(exc)
     return 0
 
 
