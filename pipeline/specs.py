@@ -121,11 +121,13 @@ class TrainingSpec(_Spec):
         "max_steps and save_steps are divided by k (same sequences trained), cosine over the fewer steps, "
         "same warmup fraction, same peak learning rate. 'auto': 24576 on CUDA, 0 on a CPU. 0: off.",
     )
-    torch_compile: bool = Field(
-        False,
-        description="torch.compile the model (TrainingArguments.torch_compile). Off by default: the first steps pay "
-        "the compile (and a recompile when packed widths change), and on an H200 with Liger one step took 45 s "
-        "(dynamo cannot analyse Liger's Triton kernels; bench/results/train_bench_H200_compile_attempt.json).",
+    torch_compile: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Run each decoder layer's training forward (norms, RoPE, attention, SwiGLU and the seven LoRA "
+        "projections) as one torch.compile'd function shared by all layers (pipeline.compiled_layers): far fewer "
+        "kernel launches in a step bound by them. Needs packed batches (padding_free with varlen_attention) and a "
+        "Llama-shaped model; the first steps pay the compile (~1 minute). 'auto': on with CUDA when gradient "
+        "checkpointing is off; false: HF's eager layers.",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(
         "auto",

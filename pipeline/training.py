@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline import data as data_mod
-from pipeline import fast, fused_lora, modeling
+from pipeline import compiled_layers, fast, fused_lora, modeling
 from pipeline.checkpoints import latest_complete, write_atomic
 from pipeline.data import LoadedData, length_stats, over_length_warning, token_lengths
 from pipeline.events import EventLog
@@ -136,12 +136,15 @@ def warn_long_rows(log: EventLog, data: LoadedData, kind: str, tokenizer, max_le
 
 def prepare_model(trainer, dtype: torch.dtype, levers) -> None:
     """The model-side levers, once the Trainer has wrapped the model in its adapter: trainable weights' dtype,
-    NF4 weights dequantized once, fused LoRA functions, the Trainer's per-step walks trimmed."""
+    NF4 weights dequantized once, fused LoRA functions, compiled decoder layers, the Trainer's per-step walks
+    trimmed."""
     modeling.cast_trainable(trainer.model, dtype, master_fp32=levers.master_fp32)
     if levers.dequantized_base:
         fast.dequantize_base(trainer.model)
     if levers.fused_lora:
         fused_lora.fuse_lora(trainer.model)
+    if levers.torch_compile:
+        compiled_layers.install(trainer.model)
     fast.trim_trainer_overhead(trainer)
 
 

@@ -100,7 +100,7 @@ def test_resolve_cpu_skips_gpu_only_levers_with_a_note(tiny_demo):
     forced = fast.resolve(TrainingSpec(gradient_checkpointing=True, use_liger_kernel=False), "sft", config,
                           torch.float32, rows=10)
     assert forced.gradient_checkpointing is True
-    assert [n for n in forced.notes[1:] if not n.startswith("fused_optimizer skipped")] == []
+    assert [n for n in forced.notes[1:] if not n.startswith(("fused_optimizer skipped", "torch_compile skipped"))] == []
     assert forced.optim == "adamw_torch" and not forced.master_fp32  # CPU: torch's AdamW, weights as before
     assert forced.tokens_per_step == 0 and forced.step_scale == 1  # 'auto' token budget is off on a CPU
 
@@ -651,26 +651,134 @@ def test_sft_token_budget_step_equals_the_bigger_recipe_step(tmp_path):
         assert math.isclose(a["learning_rate"], b["learning_rate"], rel_tol=1e-6), (a, b)
 
 
-def test_torch_compile_lever_reaches_the_trainer(tiny_demo, tmp_path):
+def test_torch_compile_resolves_per_device_and_batch_layout(tiny_demo):
     from transformers import AutoConfig
 
-    from pipeline.training import trainer_kwargs
+    config = AutoConfig.from_pretrained(tiny_demo)
+    packed = dict(padding_free=True, varlen_attention=True, use_liger_kernel="auto")
+    auto = fast.resolve(TrainingSpec(**packed), "sft", config, torch.float32, rows=10)
+    assert auto.torch_compile is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "torch_compile skipped: 'auto' compiles on CUDA only" in auto.notes
+    forced = fast.resolve(TrainingSpec(**packed, torch_compile=True), "dpo", config, torch.float32, rows=10)
+    assert forced.torch_compile is True and forced.effective()["torch_compile"] is True
+    unpacked = fast.resolve(TrainingSpec(padding_free=True, varlen_attention=False, torch_compile=True), "sft",
+                            config, torch.float32, rows=10)
+    assert unpacked.torch_compile is False
+    assert any(n.startswith("torch_compile skipped: it runs on packed batches") for n in unpacked.notes)
+    off = fast.resolve(TrainingSpec(**packed, torch_compile=False), "sft", config, torch.float32, rows=10)
+    assert off.torch_compile is False and not any(n.startswith("torch_compile") for n in off.notes)
+    assert "torch_compile" not in off.config_kwargs()  # the Trainer's whole-model compile is never asked for
+
+
+def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_demo)
-    for on in (False, True):
-        lv = fast.resolve(TrainingSpec(torch_compile=on), "sft", config, torch.float32, rows=10)
-        assert lv.effective()["torch_compile"] is on
-        assert trainer_kwargs(TrainingSpec(torch_compile=on), torch.float32, tmp_path, lv)["torch_compile"] is on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    spec = TrainingSpec(max_length=2048)  # the defaults: packed rows, varlen attention, torch_compile 'auto'
+    assert spec.torch_compile == "auto"
+    assert fast.resolve(spec, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650).torch_compile  # 6.5M
+    short = fast.resolve(spec, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650)  # 1.56M tokens
+    assert short.torch_compile is False
+    assert any("this one trains ~1,560,000" in n for n in short.notes), short.notes
+    steps = spec.model_copy(update={"max_steps": 1_000})  # 1,000 x 8 pairs x 2 x 300 tokens = 4.8M
+    assert fast.resolve(steps, "dpo", config, torch.bfloat16, rows=500, mean_tokens=300).torch_compile
+    checkpointed = spec.model_copy(update={"gradient_checkpointing": True})
+    assert not fast.resolve(checkpointed, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650).torch_compile
+    forced = spec.model_copy(update={"torch_compile": True})
+    assert fast.resolve(forced, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650).torch_compile
+
+
+@pytest.mark.parametrize("variant", ["fp32", "nf4", "checkpointing", "dropout"])
+def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
+    """The compiled decoder layer (traced by dynamo, forward and backward split by AOTAutograd): HF's eager
+    layers' loss and LoRA gradients on packed sequences; DPO's reference pass and evaluation keep HF's forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import compiled_layers, fused_lora, modeling, varlen_attention
+    from pipeline.specs import QuantSpec
+
+    calls = []  # layer forwards that took the compiled function
+    compiled_fn = compiled_layers._compiled
+    monkeypatch.setattr(compiled_layers, "_compiled",
+                        lambda backend: lambda *args: calls.append(backend) or compiled_fn(backend)(*args))
+
+    batches = [fast.PackedRowsCollator(pad_token_id=0, capacity=10_000, cu_seq_lens=True)(
+        [{"input_ids": list(range(start, start + n))} for n in lengths])
+        for start, lengths in ((3, (17, 30, 9)), (5, (21, 12, 40, 7)))]  # two packed widths: the graph turns dynamic
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        quantization = "nf4" if variant == "nf4" else "none"
+        base = modeling.load_base(str(tiny_demo), QuantSpec(quantization=quantization, compute_dtype="fp32"),
+                                  torch.float32)
+        torch.manual_seed(0)  # the LoRA init, whatever loading drew
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.3 if variant == "dropout" else 0.0,
+                                                init_lora_weights=False,
+                                                target_modules=list(compiled_layers.PROJECTIONS)))
+        if variant == "checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if variant != "nf4":  # the compiled layer does not need the fused_lora lever (the NF4 case runs without)
+            fused_lora.fuse_lora(model)
+        if compiled:
+            assert compiled_layers.install(model, backend="aot_eager") == model.config.num_hidden_layers
+        model.train()
+        losses = []
+        with varlen_attention.use(model):
+            for batch in batches:
+                torch.manual_seed(1)
+                loss = model(**batch).loss
+                loss.backward()
+                losses.append(loss.item())
+            trained_calls = len(calls)
+            with model.disable_adapter(), torch.no_grad():
+                reference = model(**batches[0]).loss.item()
+            assert len(calls) == trained_calls  # the adapter off, no gradients: HF's own forward
+        layers = model.config.num_hidden_layers
+        # every layer of both steps (under checkpointing, again in the recompute), and only when installed
+        assert trained_calls == (len(batches) * layers * (2 if variant == "checkpointing" else 1) if compiled else 0)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return losses, grads, reference
+
+    eager, compiled = run(False), run(True)
+    if variant == "dropout":  # other draws (the traced graph's own random stream): the same rate, not the same mask
+        assert all(math.isfinite(loss) for loss in compiled[0]) and compiled[2] == eager[2]
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in compiled[1].values())
+        return
+    for a, b in zip(eager[0], compiled[0]):
+        assert math.isclose(a, b, rel_tol=1e-5), (eager[0], compiled[0])
+    assert eager[2] == compiled[2]
+    assert eager[1].keys() == compiled[1].keys() and len(eager[1]) == 14 * 2
+    for name in eager[1]:
+        assert torch.allclose(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_compiled_layers_refuse_other_architectures():
+    from types import SimpleNamespace
+
+    from pipeline import compiled_layers
+
+    llama = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    assert compiled_layers.unsupported(SimpleNamespace(**llama)) is None
+    assert "model_type 'mistral'" in compiled_layers.unsupported(SimpleNamespace(**dict(llama, model_type="mistral")))
+    assert "biases" in compiled_layers.unsupported(SimpleNamespace(**dict(llama, attention_bias=True)))
+    assert "gelu" in compiled_layers.unsupported(SimpleNamespace(**dict(llama, hidden_act="gelu")))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("TINYLLAMA_MCP_COMPILE_TEST"),
-                    reason="minutes of inductor compile on a CPU: set TINYLLAMA_MCP_COMPILE_TEST=1")
 def test_sft_torch_compile_learns_the_same(tmp_path):
+    """The stage with torch_compile on (inductor's kernels, here its CPU ones): the eager stage's losses."""
+    from pipeline.events import read_events
     from pipeline.sft import run_sft
 
-    _, off = _run(run_sft, _sft_spec(dict(OFF, padding_free=True)), tmp_path / "off")
-    _, on = _run(run_sft, _sft_spec(dict(OFF, padding_free=True, torch_compile=True)), tmp_path / "on")
+    packed = dict(OFF, padding_free=True, varlen_attention=True, fused_lora=True)
+    _, off = _run(run_sft, _sft_spec(packed), tmp_path / "off")
+    _, on = _run(run_sft, _sft_spec(dict(packed, torch_compile=True)), tmp_path / "on")
+    start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["torch_compile"] is True
     assert len(on) == len(off) == 2
     for a, b in zip(off, on):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
