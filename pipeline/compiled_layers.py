@@ -122,6 +122,15 @@ def unsupported(config) -> Optional[str]:
     return None
 
 
+def gpu_kernels_unavailable() -> Optional[str]:
+    """None when inductor can generate GPU kernels here (Triton imports), else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"inductor's GPU kernels need Triton, which cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled(backend: str):
     import torch._dynamo as dynamo

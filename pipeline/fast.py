@@ -271,6 +271,8 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         from pipeline import compiled_layers
 
         why_not = compiled_layers.unsupported(model_config)
+        if why_not is None and torch.cuda.is_available():
+            why_not = compiled_layers.gpu_kernels_unavailable()
         if not lv.varlen_attention:
             why_not = "it runs on packed batches (padding_free with varlen_attention)"
         elif t.torch_compile == "auto" and why_not is None:

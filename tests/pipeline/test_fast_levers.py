@@ -689,6 +689,10 @@ def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
     assert not fast.resolve(checkpointed, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650).torch_compile
     forced = spec.model_copy(update={"torch_compile": True})
     assert fast.resolve(forced, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650).torch_compile
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # no Triton: no GPU kernels to compile
+    no_triton = fast.resolve(forced, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650)
+    assert no_triton.torch_compile is False
+    assert any("need Triton, which cannot be imported" in n for n in no_triton.notes), no_triton.notes
 
 
 @pytest.mark.parametrize("variant", ["fp32", "nf4", "checkpointing", "dropout"])
