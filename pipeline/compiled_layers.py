@@ -13,7 +13,7 @@ varlen flash kernel over the packed sequences (pipeline.varlen_attention) on CUD
 does not exist, the same causal attention within each sequence runs through sdpa under a block-diagonal mask.
 
 A layer takes this path only for a training forward with gradients over a packed batch (cu_seq_lens_q) whose
-seven projections can all run fused (one active adapter, no DoRA, no bias; see fused_lora._fusable); any other
+seven projections can all run fused (one active adapter, no DoRA, no bias; see fused_lora.fusable); any other
 call (DPO's reference pass with the adapter off, evaluation, generation) runs the layer's own forward.
 """
 
@@ -30,7 +30,7 @@ from pipeline import fused_lora, varlen_attention
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class Shape(NamedTuple):
+class LayerConstants(NamedTuple):
     """What the compiled graph treats as constants (one graph serves every layer with these)."""
 
     heads: int
@@ -62,7 +62,7 @@ def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.d
     return torch.addmm(F.linear(x, weight), dropped @ lora_a.to(dtype).t(), lora_b.to(dtype).t(), alpha=scaling)
 
 
-def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, shape: Shape) -> torch.Tensor:
+def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constants: LayerConstants) -> torch.Tensor:
     """One Llama decoder layer over packed tokens: h (batch, tokens, hidden) -> the same shape.
 
     cos, sin: the rotary embedding (batch, tokens, head_dim); cu, max_len: the packed sequences' boundaries
@@ -70,7 +70,7 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, shape: 
     causal mask; norms: (input, post-attention) RMSNorm weights; weights: the 7 frozen base weights; loras:
     A, B per projection (PROJECTIONS order).
     """
-    s = shape
+    s = constants
     batch_shape = h.shape
     x = h.reshape(-1, batch_shape[-1])
     tokens = x.shape[0]
@@ -157,7 +157,7 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     modules = [getattr(attn, n) for n in PROJECTIONS[:4]] + [getattr(mlp, n) for n in PROJECTIONS[4:]]
     weights, loras, scalings, rates, dtype = [], [], [], [], None
     for module in modules:
-        fused = fused_lora._fusable(module, hidden) if hasattr(module, "lora_A") else None  # a peft LoRA layer
+        fused = fused_lora.fusable(module, hidden) if hasattr(module, "lora_A") else None  # a peft LoRA layer
         if fused is None or (dtype is not None and fused[3] != dtype) or module.get_base_layer().bias is not None:
             return None
         (base, scaling, rate), lora_a, lora_b, dtype = fused
@@ -170,11 +170,11 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
         return None  # a mixed-dtype layer keeps peft's casts
     config = attn.config
     on_cuda = hidden.is_cuda
-    shape = Shape(config.num_attention_heads, config.num_key_value_heads, attn.head_dim, float(config.rms_norm_eps),
+    constants = LayerConstants(config.num_attention_heads, config.num_key_value_heads, attn.head_dim, float(config.rms_norm_eps),
                   tuple(scalings), tuple(rates), dtype, varlen_attention._causal_kwargs() if on_cuda else ())
     mask = None if on_cuda else block_causal_mask(cu, hidden.shape[0] * hidden.shape[1])
     cos, sin = rotary
-    return hidden, cos, sin, cu, int(max_len), mask, norms, tuple(weights), tuple(loras), shape
+    return hidden, cos, sin, cu, int(max_len), mask, norms, tuple(weights), tuple(loras), constants
 
 
 def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):

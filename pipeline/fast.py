@@ -20,7 +20,7 @@
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
   bitsandbytes AdamW on CUDA.
 - `torch_compile`: each decoder layer's training forward as one compiled function (pipeline.compiled_layers); 'auto':
-  on CUDA with packed varlen batches and no gradient checkpointing.
+  on CUDA with packed varlen batches, no gradient checkpointing, and runs long enough to repay the compile.
 - `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
   and used by plain F.linear: the same model, fewer launches per step, ~2 bytes a base weight of memory.
 - `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real
@@ -153,6 +153,29 @@ def planned_tokens(t, lv: Levers, rows: int, mean_tokens: Optional[float], stage
     return t.num_train_epochs * rows * per_row
 
 
+def compile_skipped(t, lv: Levers, model_config, stage: str, rows: int, mean_tokens: Optional[float]) -> Optional[str]:
+    """Why the compiled decoder layers do not run for this stage (None: they do); after varlen_attention and
+    gradient checkpointing are resolved."""
+    from pipeline import compiled_layers
+
+    if not lv.varlen_attention:
+        return "it runs on packed batches (padding_free with varlen_attention)"
+    why_not = compiled_layers.unsupported(model_config)
+    if why_not is None and torch.cuda.is_available():
+        why_not = compiled_layers.gpu_kernels_unavailable()
+    if why_not is not None or t.torch_compile is True:
+        return why_not
+    if not torch.cuda.is_available():
+        return "'auto' compiles on CUDA only"
+    if lv.gradient_checkpointing:
+        return "'auto' compiles only without gradient checkpointing"
+    planned = planned_tokens(t, lv, rows, mean_tokens, stage)
+    if planned is not None and planned < COMPILE_MIN_TOKENS:
+        return (f"'auto' compiles runs of at least {COMPILE_MIN_TOKENS:,} real tokens (~17 s of compile pays back "
+                f"after ~2.4M); this one trains ~{planned:,.0f}")
+    return None
+
+
 def free_memory_bytes() -> Optional[int]:
     if not torch.cuda.is_available():
         return None
@@ -268,22 +291,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
             lv.notes.append(f"varlen_attention skipped: {why_not}")
 
     if t.torch_compile:
-        from pipeline import compiled_layers
-
-        why_not = compiled_layers.unsupported(model_config)
-        if why_not is None and torch.cuda.is_available():
-            why_not = compiled_layers.gpu_kernels_unavailable()
-        if not lv.varlen_attention:
-            why_not = "it runs on packed batches (padding_free with varlen_attention)"
-        elif t.torch_compile == "auto" and why_not is None:
-            planned = planned_tokens(t, lv, rows, mean_tokens, stage)
-            if not torch.cuda.is_available():
-                why_not = "'auto' compiles on CUDA only"
-            elif lv.gradient_checkpointing:
-                why_not = "'auto' compiles only without gradient checkpointing"
-            elif planned is not None and planned < COMPILE_MIN_TOKENS:
-                why_not = (f"'auto' compiles runs of at least {COMPILE_MIN_TOKENS:,} real tokens (~17 s of compile pays "
-                           f"back after ~2.4M); this one trains ~{planned:,.0f}")
+        why_not = compile_skipped(t, lv, model_config, stage, rows, mean_tokens)
         lv.torch_compile = why_not is None
         if why_not:
             lv.notes.append(f"torch_compile skipped: {why_not}")

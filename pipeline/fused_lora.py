@@ -119,7 +119,7 @@ def _dropout_rate(dropout: torch.nn.Module) -> Optional[float]:
     return None
 
 
-def _fusable(layer, x: torch.Tensor) -> Optional[tuple]:
+def fusable(layer, x: torch.Tensor) -> Optional[tuple]:
     """(base, scaling, rate), A, B and the compute dtype when this projection can run fused now, else None."""
     adapters = layer.active_adapters
     if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
@@ -142,12 +142,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     stash = self.__dict__.pop("_group_output", None)
     if stash is not None and stash[0] is x:  # the group's first projection computed this one already
         return stash[1]
-    own = _fusable(self, x)
+    own = fusable(self, x)
     if own is None:
         return type(self).forward(self, x)
     members, weights, followers = [own[0]], [own[1], own[2]], []
     for layer in self.__dict__.get("_group_followers", ()):
-        fused = _fusable(layer, x)
+        fused = fusable(layer, x)
         if fused is not None and fused[3] == own[3]:
             members.append(fused[0])
             weights += [fused[1], fused[2]]
