@@ -674,9 +674,13 @@ def test_torch_compile_resolves_per_device_and_batch_layout(tiny_demo):
 def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
+    from pipeline import compiled_layers
+
     config = AutoConfig.from_pretrained(tiny_demo)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    triton_check = compiled_layers.gpu_kernels_unavailable
+    monkeypatch.setattr(compiled_layers, "gpu_kernels_unavailable", lambda: None)  # as with Triton installed
     spec = TrainingSpec(max_length=2048)  # the defaults: packed rows, varlen attention, torch_compile 'auto'
     assert spec.torch_compile == "auto"
     assert fast.resolve(spec, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650).torch_compile  # 6.5M
@@ -689,6 +693,7 @@ def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
     assert not fast.resolve(checkpointed, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650).torch_compile
     forced = spec.model_copy(update={"torch_compile": True})
     assert fast.resolve(forced, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650).torch_compile
+    monkeypatch.setattr(compiled_layers, "gpu_kernels_unavailable", triton_check)
     monkeypatch.setitem(__import__("sys").modules, "triton", None)  # no Triton: no GPU kernels to compile
     no_triton = fast.resolve(forced, "sft", config, torch.bfloat16, rows=10_000, mean_tokens=650)
     assert no_triton.torch_compile is False
