@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from pipeline import fused_lora, varlen_attention
+from pipeline import fused_lora, llama_ops, varlen_attention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,18 +41,6 @@ class LayerConstants(NamedTuple):
     rates: tuple[float, ...]  # LoRA dropout rate per projection (0: off)
     dtype: torch.dtype  # compute dtype of the projections
     varlen: tuple[tuple[str, object], ...]  # varlen_attn's causal keyword arguments (CUDA); () on a CPU
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # LlamaRMSNorm: statistics in fp32, the normalized value back in the input's dtype, then the weight.
-    normed = x.float()
-    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.dtype) -> torch.Tensor:
@@ -78,13 +66,12 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
     def proj(i: int, inp: torch.Tensor) -> torch.Tensor:
         return _lora(inp, weights[i], loras[2 * i], loras[2 * i + 1], s.scalings[i], s.rates[i], s.dtype)
 
-    normed = _rms_norm(x, norms[0], s.eps)
+    normed = llama_ops.rms_norm(x, norms[0], s.eps)
     q = proj(0, normed).view(tokens, s.heads, s.head_dim)
     k = proj(1, normed).view(tokens, s.kv_heads, s.head_dim)
     v = proj(2, normed).view(tokens, s.kv_heads, s.head_dim)
     cos, sin = cos.reshape(tokens, 1, s.head_dim), sin.reshape(tokens, 1, s.head_dim)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q, k = llama_ops.rope(q, cos, sin), llama_ops.rope(k, cos, sin)
     scale = s.head_dim ** -0.5
     if mask is None:
         from torch.nn.attention.varlen import varlen_attn
@@ -96,7 +83,7 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
                                               enable_gqa=True)[0].transpose(0, 1)
     x = x + proj(3, attn.reshape(tokens, s.heads * s.head_dim))
 
-    normed = _rms_norm(x, norms[1], s.eps)
+    normed = llama_ops.rms_norm(x, norms[1], s.eps)
     x = x + proj(6, F.silu(proj(4, normed)) * proj(5, normed))
     return x.view(batch_shape)
 
@@ -158,8 +145,8 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     weights, loras, scalings, rates, dtype = [], [], [], [], None
     for module in modules:
         fused = fused_lora.fusable(module, hidden) if hasattr(module, "lora_A") else None  # a peft LoRA layer
-        if fused is None or (dtype is not None and fused[3] != dtype) or module.get_base_layer().bias is not None:
-            return None
+        if fused is None or (dtype is not None and fused[3] != dtype):
+            return None  # (projection biases were refused by unsupported())
         (base, scaling, rate), lora_a, lora_b, dtype = fused
         weights.append(fused_lora.base_weight(base, dtype))
         loras += [lora_a, lora_b]
@@ -171,7 +158,7 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     config = attn.config
     on_cuda = hidden.is_cuda
     constants = LayerConstants(config.num_attention_heads, config.num_key_value_heads, attn.head_dim, float(config.rms_norm_eps),
-                  tuple(scalings), tuple(rates), dtype, varlen_attention._causal_kwargs() if on_cuda else ())
+                  tuple(scalings), tuple(rates), dtype, varlen_attention.causal_kwargs() if on_cuda else ())
     mask = None if on_cuda else block_causal_mask(cu, hidden.shape[0] * hidden.shape[1])
     cos, sin = rotary
     return hidden, cos, sin, cu, int(max_len), mask, norms, tuple(weights), tuple(loras), constants

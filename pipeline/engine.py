@@ -55,6 +55,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline import llama_ops
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -151,19 +152,6 @@ class RequestHandle:
 # ---------------------------------------------------------------- small numeric helpers
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
 def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
@@ -232,7 +220,7 @@ def _make_layer(H: int, Hk: int, D: int, eps: float, attn: str, rms=None, rope=N
     start of the next layer (or the head), so inductor fuses add + RMSNorm into one kernel.
     gemv: the four projections as multiply-and-sum reductions instead of cuBLAS GEMMs (batch 1, compiled).
     """
-    rms, rope, silu_mul = rms or _rms_norm, rope or _rope, silu_mul or _silu_mul
+    rms, rope, silu_mul = rms or llama_ops.rms_norm, rope or llama_ops.rope, silu_mul or _silu_mul
     lin = _gemv if gemv else F.linear
     G = H // Hk
 
@@ -253,7 +241,7 @@ def _make_layer(H: int, Hk: int, D: int, eps: float, attn: str, rms=None, rope=N
 
 
 def _make_head(eps: float, rms=None, gemv: bool = False):
-    rms = rms or _rms_norm
+    rms = rms or llama_ops.rms_norm
     lin = _gemv if gemv else F.linear
 
     def head(x, d, w_norm, w_lm, temp, top_p, seed, pos, sampling: bool):
@@ -476,7 +464,7 @@ class Engine:
         self._layer_b1 = None  # the compiled layer for batch 1 with cuBLAS projections, when it differs
         self._attn_one: Optional[str] = None  # batch-1 attention of the compiled layers
         self._b1_choice: Optional[str] = None  # "gemv" or "mm", decided by timing the first batch-1 graph
-        self._rms, self._rope, self._silu_mul = _rms_norm, _rope, _silu_mul
+        self._rms, self._rope, self._silu_mul = llama_ops.rms_norm, llama_ops.rope, _silu_mul
         self._set_eager_step()
         t0 = time.perf_counter()
         if compile_mode in ("layer", "helpers"):
@@ -590,7 +578,7 @@ class Engine:
     def _try_compile(self) -> None:
         try:
             opts = dict(dynamic=True, fullgraph=True)
-            rms, rope, silu = (torch.compile(f, **opts) for f in (_rms_norm, _rope, _silu_mul))
+            rms, rope, silu = (torch.compile(f, **opts) for f in (llama_ops.rms_norm, llama_ops.rope, _silu_mul))
             with torch.inference_mode():  # as prefill and decode call them (grad mode is guarded)
                 x = torch.randn(3, self.hidden, device=self.device, dtype=self.dtype)
                 rms(x, self.w.norm, self.eps)

@@ -37,7 +37,7 @@ def unavailable(device_is_cuda: bool) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _causal_kwargs() -> tuple[tuple[str, object], ...]:
+def causal_kwargs() -> tuple[tuple[str, object], ...]:
     """How this torch's varlen_attn is asked for causal GQA attention (read once: inspect is slow per call)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -51,7 +51,7 @@ def _causal_kwargs() -> tuple[tuple[str, object], ...]:
 def _cuda_varlen(q, k, v, cu: torch.Tensor, max_len: int, scaling: Optional[float]) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **dict(_causal_kwargs()))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **dict(causal_kwargs()))
 
 
 def _per_sequence(q, k, v, cu: torch.Tensor, scaling: Optional[float], dropout: float) -> torch.Tensor:
