@@ -12,11 +12,17 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
      (sequences packed into one row with varlen attention, each decoder layer one compiled function, NF4
      weights dequantized once, gradient checkpointing only when memory needs it, fused AdamW; the recipe's steps),
-     torch_compile forced on (its 'auto' leaves runs this short eager: see stage_training).
+     torch_compile forced on (its 'auto' leaves runs this short eager: see stage_training), cuda_graphs 'auto'
+     (off at this run size).
   c-warmup  c run once first, not compared: it takes the compiles of the first project run (its
      first_step_s shows what they cost; DPO's packed shapes add a recompile of the layer graph).
   c-eager  c with torch_compile=false: HF's eager layers, one autograd function per LoRA projection or group,
      Liger's RoPE (the default before round 11).
+  c-graphs  c with cuda_graphs=true: the compiled layers replayed as CUDA graphs, packed widths padded to a multiple
+     of --width-multiple (its 'auto' leaves runs this short without: each width's recording costs seconds, so a
+     short run shows mostly recordings; tokens_per_s_late, the run's second half, shows the replay rate).
+  c-refeager (DPO)  c with DPO's reference pass through HF's eager layers (before round 12: the compiled layers
+     served the policy's forward only).
   c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
   c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
   c-liger-all (SFT)  c with use_liger_kernel=true: Liger's SwiGLU and RMSNorm as well as its RoPE (the default
@@ -101,10 +107,15 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
             if len(pts) > WARMUP_STEPS + 1:
                 first, last = pts[WARMUP_STEPS - 1], pts[-1]
                 out["tokens_per_s"] = round((last["tokens"] - first["tokens"]) / (last["t"] - first["t"]), 1)
+                # The second half alone: past what a run's first steps of each shape pay (CUDA graph recordings).
+                mid = pts[max(WARMUP_STEPS - 1, len(pts) // 2)]
+                if last["t"] > mid["t"]:
+                    out["tokens_per_s_late"] = round((last["tokens"] - mid["tokens"]) / (last["t"] - mid["t"]), 1)
             elif pts:
                 out["tokens_per_s"] = round(pts[-1]["tokens"] / max(pts[-1]["t"], 1e-9), 1)
                 out["note"] = "too few steps to skip warm-up"
-            out["curve"] = [{"step": p["step"], "tokens": p["tokens"], "loss": self.losses.get(p["step"])} for p in pts]
+            out["curve"] = [{"step": p["step"], "t": round(p["t"], 3), "tokens": p["tokens"],
+                             "loss": self.losses.get(p["step"])} for p in pts]
             return out
 
     return Meter()
@@ -265,7 +276,25 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
     result = meter.result()
     start = next((e for e in read_events(out / "events.jsonl") if e["event"] == "start"), {})
     result["levers"] = start.get("levers")
+    if "torch._dynamo" in sys.modules:  # inductor's count of graphs it left out of CUDA graphs, with its log's reasons
+        result["cudagraph_skips"] = sys.modules["torch._dynamo"].utils.counters["inductor"].get("cudagraph_skips", 0)
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    manager = trees.get_manager(0, create_if_none_exists=False) if trees else None
+    if manager is not None:  # CUDA graphs recorded and warm-up runs so far in this process (ids count up)
+        result["cuda_graphs_recorded"] = next(manager.graph_counter)
+        result["cuda_graph_warmups"] = -next(manager.warmup_node_counter) - 1
     return result
+
+
+def eager_reference(run):
+    """Run `run` with DPO's reference pass through HF's eager layers (the compiled layers for the policy only)."""
+    from pipeline import compiled_layers
+
+    compiled_layers.REFERENCE_PASS = False
+    try:
+        return run()
+    finally:
+        compiled_layers.REFERENCE_PASS = True
 
 
 def guarded(name: str, fn, results: dict, fallback=None) -> None:
@@ -294,8 +323,8 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
 # ---------------------------------------------------------------- profile
 
 
-def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
-    """Where a step of the project's SFT stage goes, in three phases of `steps` steps after warm-up:
+def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
+    """Where a step of the project's SFT or DPO stage goes, in three phases of `steps` steps after warm-up:
     plain (wall time per step), torch.profiler (top ops by device time and by self CPU time), and cProfile
     (the Python functions: a CPU-bound step shows here where its launch time is spent)."""
     import cProfile
@@ -306,10 +335,12 @@ def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3)
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
+    import pipeline.dpo as dpo_mod
     import pipeline.sft as sft_mod
     from pipeline.events import EventLog
-    from pipeline.specs import SFTSpec
+    from pipeline.specs import DPOSpec, SFTSpec
 
+    module = sft_mod if stage == "sft" else dpo_mod
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, record_shapes=False)
     py_prof = cProfile.Profile()
@@ -351,19 +382,20 @@ def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3)
                         state["phase"] = "done"
                         control.should_training_stop = True
 
-    original = sft_mod.make_callback
-    sft_mod.make_callback = lambda log, summary: Both(original(log, summary), Prof())
+    original = module.make_callback
+    module.make_callback = lambda log, summary: Both(original(log, summary), Prof())
     fresh_dir(out)
-    spec = SFTSpec(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
-                   eval_prompts={"prompts": [], "max_new_tokens": 1}, training=dict(training, save_steps=10_000_000))
+    spec = (SFTSpec if stage == "sft" else DPOSpec)(
+        base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
+        eval_prompts={"prompts": [], "max_new_tokens": 1}, training=dict(training, save_steps=10_000_000))
     log = EventLog(out / "events.jsonl")
     try:
-        sft_mod.run_sft(spec, out, log)
+        (sft_mod.run_sft if stage == "sft" else dpo_mod.run_dpo)(spec, out, log)
     finally:
-        sft_mod.make_callback = original
+        module.make_callback = original
         log.close()
     stopped_in = state["phase"]
-    sections = [f"{steps} steps per phase of the project's SFT stage"]
+    sections = [f"{steps} steps per phase of the project's {stage.upper()} stage"]
     if stopped_in in phases:  # the data ran out first: report what ran
         end(stopped_in)
         sections[0] += f" (the data ran out in phase {stopped_in}: that phase has fewer steps)"
@@ -389,13 +421,14 @@ def profile_sft(cfg, data_path: Path, out: Path, training: dict, steps: int = 3)
 
 
 def table(results: dict, card: str) -> str:
-    lines = [f"card: {card}", f"{'run':14} {'tok/s':>9} {'peak GiB':>8} {'steps':>5} {'tokens':>9} "
+    lines = [f"card: {card}", f"{'run':14} {'tok/s':>9} {'late':>7} {'peak GiB':>8} {'steps':>5} {'tokens':>9} "
              f"{'loss@T':>8} {'wall s':>6}  note"]
     for stage in ("sft", "dpo"):
         runs = results.get(stage, {})
         for name, r in runs.get("runs", {}).items():
             note = r.get("error", "") or ("fallback: " + r.get("first_error", "") if r.get("fallback") else "")
-            lines.append(f"{stage + ' ' + name:14} {r.get('tokens_per_s', 0) or 0:9.0f} {r.get('peak_gib') or 0:8.2f} "
+            lines.append(f"{stage + ' ' + name:14} {r.get('tokens_per_s', 0) or 0:9.0f} "
+                         f"{r.get('tokens_per_s_late', 0) or 0:7.0f} {r.get('peak_gib') or 0:8.2f} "
                          f"{r.get('steps', 0):5d} {r.get('tokens', 0):9d} {r.get('loss_at_T') or float('nan'):8.4f} "
                          f"{r.get('wall_s', 0):6.1f}  {note}")
         if runs.get("ratios"):
@@ -411,8 +444,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--budget-s", type=float, default=330, help="skip remaining runs once this much wall time is spent")
     ap.add_argument("--only", choices=["sft", "dpo"], default=None)
     ap.add_argument("--runs", default=None, help="comma list of the runs to do (e.g. c,c-eager); default all")
-    ap.add_argument("--profile", action="store_true", help="also profile a few steps of the project's SFT stage")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile a few steps of the project's stage (each stage --only leaves on)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
+    ap.add_argument("--width-multiple", type=int, default=None,
+                    help="cuda_graphs' packed-width multiple (default pipeline.fast.GRAPH_WIDTH_MULTIPLE)")
     cfg = ap.parse_args(argv)
     t_start = time.time()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -426,6 +462,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.modeling import device_name
     from pipeline.specs import DatasetSpec
 
+    if cfg.width_multiple:
+        import pipeline.fast
+
+        pipeline.fast.GRAPH_WIDTH_MULTIPLE = cfg.width_multiple
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -489,6 +529,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                      lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c2", dict(fast_sft, use_liger_kernel=False))))
         plan.append(("sft", "c-eager", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_eager",
                                                         dict(fast_sft, torch_compile=False)), None))
+        plan.append(("sft", "c-graphs", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_graphs",
+                                                         dict(fast_sft, cuda_graphs=True)), None))
     if dpo_on:
         plan.append(("dpo", "c-warmup", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_warmup", fast_dpo),
                      None))
@@ -496,6 +538,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                      lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
         plan.append(("dpo", "c-eager", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_eager",
                                                         dict(fast_dpo, torch_compile=False)), None))
+        plan.append(("dpo", "c-graphs", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_graphs",
+                                                         dict(fast_dpo, cuda_graphs=True)), None))
+        plan.append(("dpo", "c-refeager", lambda: eager_reference(
+            lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_refeager", fast_dpo)), None))
         padded = dict(fast_dpo, varlen_attention=False)
         plan.append(("dpo", "c-padded", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_padded", padded),
                      None))
@@ -544,19 +590,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
         results[stage]["ratios"] = ratios
 
-    if cfg.profile and cfg.only in (None, "sft"):
+    for stage, on, path, training in (("sft", sft_on, sft_path, fast_sft), ("dpo", dpo_on, dpo_path, fast_dpo)):
+        if not (cfg.profile and on):
+            continue
         if left():
             reset_memory()
             try:
-                text = profile_sft(cfg, sft_path, cfg.work / "sft_prof", fast_sft)
+                text = profile_stage(cfg, stage, path, cfg.work / f"{stage}_prof", training)
             except Exception as exc:
                 traceback.print_exc()
                 text = f"profile failed: {type(exc).__name__}: {exc}"
-            (cfg.out / "profile_sft.txt").write_text(text)
-            results["profile"] = str(cfg.out / "profile_sft.txt")
+            (cfg.out / f"profile_{stage}.txt").write_text(text)
+            results[f"profile_{stage}"] = str(cfg.out / f"profile_{stage}.txt")
             print(text[:6000], flush=True)
         else:
-            results["profile"] = "skipped: over --budget-s"
+            results[f"profile_{stage}"] = "skipped: over --budget-s"
 
     results["wall_s"] = round(time.time() - t_start, 1)
     (cfg.out / "train_bench.json").write_text(json.dumps(results, indent=2))

@@ -12,9 +12,17 @@ y = x W^T + s (d(x) A^T) B^T in the compute dtype, as pipeline.fused_lora comput
 varlen flash kernel over the packed sequences (pipeline.varlen_attention) on CUDA; on a CPU, where that kernel
 does not exist, the same causal attention within each sequence runs through sdpa under a block-diagonal mask.
 
-A layer takes this path only for a training forward with gradients over a packed batch (cu_seq_lens_q) whose
-seven projections can all run fused (one active adapter, no DoRA, no bias; see fused_lora.fusable); any other
-call (DPO's reference pass with the adapter off, evaluation, generation) runs the layer's own forward.
+A layer takes this path for a training forward with gradients over a packed batch (cu_seq_lens_q) whose seven
+projections can all run fused (one active adapter, no DoRA, no bias; see fused_lora.fusable), and for a forward
+without gradients over a packed batch with the adapter switched off (DPO's reference pass: the base projections
+alone, its own inference graph; REFERENCE_PASS). Any other call (evaluation with the adapter on, generation with
+its cache) runs the layer's own forward.
+
+With `cuda_graphs` (lever of that name) inductor replays each layer's compiled forward and backward as CUDA graphs
+(its CUDA graph trees): the ~2,500 launches of a step's layers cost a few replays of host time. A graph holds its
+input addresses, so the layers' weights are marked static (each layer position of the step is a node of the tree,
+recorded once with its own weights), a packed width is recorded once (the collators pad widths to a multiple and
+fix max_length_q to the width), and every optimizer step starts a new replay of the tree (`step_begin`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from pipeline import fused_lora, llama_ops, varlen_attention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REFERENCE_PASS = True  # compile DPO's reference pass too (the bench switches it off to measure what it buys)
 
 
 class LayerConstants(NamedTuple):
@@ -56,7 +65,7 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
     cos, sin: the rotary embedding (batch, tokens, head_dim); cu, max_len: the packed sequences' boundaries
     over the flattened tokens and the longest; mask: None on CUDA, else the (tokens, tokens) block-diagonal
     causal mask; norms: (input, post-attention) RMSNorm weights; weights: the 7 frozen base weights; loras:
-    A, B per projection (PROJECTIONS order).
+    A, B per projection (PROJECTIONS order), or () for the base projections alone.
     """
     s = constants
     batch_shape = h.shape
@@ -64,6 +73,8 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
     tokens = x.shape[0]
 
     def proj(i: int, inp: torch.Tensor) -> torch.Tensor:
+        if not loras:  # the base projection alone: the adapter is switched off (DPO's reference pass)
+            return F.linear(inp.to(s.dtype), weights[i])
         return _lora(inp, weights[i], loras[2 * i], loras[2 * i + 1], s.scalings[i], s.rates[i], s.dtype)
 
     normed = llama_ops.rms_norm(x, norms[0], s.eps)
@@ -119,7 +130,7 @@ def gpu_kernels_unavailable() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(backend: str):
+def _compiled(backend: str, cuda_graphs: bool = False):
     import torch._dynamo as dynamo
 
     # One graph for all layers, a second once the packed width changes (then symbolic); a layer-0 input without
@@ -128,12 +139,26 @@ def _compiled(backend: str):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None)
+    options = {"triton.cudagraphs": True} if cuda_graphs else None  # inductor's option (no other backend has it)
+    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None, options=options)
+
+
+def _reference_projection(module, x: torch.Tensor) -> Optional[tuple]:
+    """(base layer, compute dtype) when this peft LoRA projection runs as its base layer alone now (the adapter
+    switched off, as TRL does for DPO's reference pass), in one dtype; else None."""
+    if not module.disable_adapters or module.merged:
+        return None
+    base = module.get_base_layer()
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if base.bias is not None or x.dtype != dtype or getattr(base, "compute_dtype", None) not in (None, dtype):
+        return None
+    return base, dtype
 
 
 def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     """The compiled call's arguments for this forward, or None when the layer's own forward must run."""
-    if not (layer.training and torch.is_grad_enabled()):
+    with_grads = torch.is_grad_enabled()
+    if (with_grads and not layer.training) or (not with_grads and not REFERENCE_PASS):
         return None
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return None
@@ -144,14 +169,22 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     modules = [getattr(attn, n) for n in PROJECTIONS[:4]] + [getattr(mlp, n) for n in PROJECTIONS[4:]]
     weights, loras, scalings, rates, dtype = [], [], [], [], None
     for module in modules:
-        fused = fused_lora.fusable(module, hidden) if hasattr(module, "lora_A") else None  # a peft LoRA layer
-        if fused is None or (dtype is not None and fused[3] != dtype):
-            return None  # (projection biases were refused by unsupported())
-        (base, scaling, rate), lora_a, lora_b, dtype = fused
+        if not hasattr(module, "lora_A"):  # not a peft LoRA layer
+            return None
+        if with_grads:
+            fused = fused_lora.fusable(module, hidden)
+            if fused is None or (dtype is not None and fused[3] != dtype):
+                return None  # (projection biases were refused by unsupported())
+            (base, scaling, rate), lora_a, lora_b, dtype = fused
+            loras += [lora_a, lora_b]
+            scalings.append(scaling)
+            rates.append(rate)
+        else:
+            reference = _reference_projection(module, hidden)
+            if reference is None or (dtype is not None and reference[1] != dtype):
+                return None
+            base, dtype = reference
         weights.append(fused_lora.base_weight(base, dtype))
-        loras += [lora_a, lora_b]
-        scalings.append(scaling)
-        rates.append(rate)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     if hidden.dtype != dtype or any(n.dtype != dtype for n in norms):
         return None  # a mixed-dtype layer keeps peft's casts
@@ -168,19 +201,20 @@ def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     plan = _plan(self, hidden_states, kwargs) if not args else None
     if plan is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    layer = _compiled(self._compiled_layer_backend)
-    if getattr(self, "gradient_checkpointing", False):
+    layer = _compiled(self._compiled_layer_backend, self._compiled_layer_graphs)
+    if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled():
         # transformers checkpoints a layer by wrapping its class's forward, which this path does not call
         return self._gradient_checkpointing_func(layer, *plan)
     return layer(*plan)
 
 
-def install(model, backend: str = "inductor") -> int:
+def install(model, backend: str = "inductor", cuda_graphs: bool = False) -> int:
     """Route the training forward of every decoder layer of `model` through the compiled layer; returns how many.
 
     Only this model's layer instances change (their bound forward); the classes stay as they are. `backend`:
     torch.compile's (inductor on a GPU; the CPU tests trace with aot_eager, the same graph capture and
-    autograd split without generating kernels).
+    autograd split without generating kernels). `cuda_graphs`: replay the layers as CUDA graphs (inductor only;
+    call `step_begin` before every optimizer step). Install after dequantize_base, whose weights are then static.
     """
     from pipeline.fast import decoder_of
 
@@ -190,6 +224,38 @@ def install(model, backend: str = "inductor") -> int:
     for layer in getattr(decoder_of(model), "layers", ()):
         if hasattr(layer, "self_attn") and hasattr(layer, "mlp") and not hasattr(layer, "_compiled_layer_backend"):
             layer._compiled_layer_backend = backend
+            layer._compiled_layer_graphs = cuda_graphs
             layer.forward = _forward.__get__(layer)
+            if cuda_graphs:
+                _mark_static(layer)
             count += 1
     return count
+
+
+def _mark_static(layer) -> None:
+    """Tell the CUDA graphs that this layer's weights keep their addresses: replays read them where they are
+    (unmarked inputs are copied into the graph's own buffers at every replay). Weights made per call (an NF4
+    weight dequantized in the forward) stay unmarked and are copied."""
+    import torch._dynamo as dynamo
+
+    tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    for i, name in enumerate(PROJECTIONS):
+        module = getattr(layer.self_attn if i < 4 else layer.mlp, name)
+        if hasattr(module, "lora_A"):
+            for adapter in module.lora_A:
+                tensors += [module.lora_A[adapter].weight, module.lora_B[adapter].weight]
+            module = module.get_base_layer()
+        weight = getattr(module, "dequantized_weight", None)
+        if weight is not None:
+            tensors.append(weight)
+        elif getattr(module.weight, "quant_state", None) is None:
+            tensors.append(module.weight)
+    for tensor in tensors:
+        dynamo.mark_static_address(tensor, guard=False)  # no guard: one graph serves all layers
+
+
+def step_begin() -> None:
+    """Before every optimizer step of a model installed with cuda_graphs: the previous step's graph outputs are
+    dead (the Trainer has stepped the optimizer and dropped the gradients), so the tree replays from its root.
+    Without it, each step would be recorded as a new branch under the last one."""
+    torch.compiler.cudagraph_mark_step_begin()

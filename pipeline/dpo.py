@@ -105,13 +105,14 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         callbacks=[make_callback(log, summary)],
     )
     training.prepare_model(trainer, dtype, levers)
+    fast.quick_adapter_switch(trainer.model)  # the reference pass switches the adapter off every step
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     effective["policy_base"] = policy_base
     # TRL's DPO padding-free is disabled upstream. Packed batches with varlen attention compute no padding;
     # else right-padded batches at least need no attention mask under causal attention.
     unmask = None
     if levers.padding_free and levers.varlen_attention:
-        trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator)
+        trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator, levers.width_multiple)
         padding = dpo_packing.packing(trainer.model)
     else:
         padding = contextlib.nullcontext()

@@ -23,14 +23,19 @@ import torch
 
 from pipeline import fast, varlen_attention
 
-PACKING_KEYS = ("packed_index", "packed_position_ids")
+PACKING_KEYS = ("packed_index", "packed_position_ids", "packed_padding")
 
 
 @dataclass
 class PackedPairsCollator:
-    """TRL's right-padded preference batch plus packing_keys, cu_seq_lens_q/_k and max_length_q/_k."""
+    """TRL's right-padded preference batch plus PACKING_KEYS, cu_seq_lens_q/_k and max_length_q/_k.
+
+    `width_multiple` (lever cuda_graphs): the packed row gets `packed_padding` pad tokens, a segment of their own,
+    up to a multiple of it, and max_length_q/_k is the row's width, as in fast.PackedRowsCollator.
+    """
 
     inner: Any
+    width_multiple: int = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(examples)
@@ -40,10 +45,14 @@ class PackedPairsCollator:
         if not torch.equal(mask.bool(), torch.arange(width) < lengths[:, None]):
             raise ValueError("DPO packing expects right-padded rows (a mask of ones, then zeros)")
         lengths = lengths.tolist()
+        total = sum(lengths)
+        padded = -(-total // self.width_multiple) * self.width_multiple if self.width_multiple else total
+        segments = lengths + ([padded - total] if padded > total else [])
         batch["packed_index"] = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lengths)])
-        batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        longest = max(lengths)
+        batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in segments]).view(1, -1)
+        batch["packed_padding"] = padded - total
+        cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
+        longest = padded if self.width_multiple else max(lengths)
         batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return batch
 
@@ -55,19 +64,22 @@ def packing(model) -> Iterator[None]:
     packed: dict[str, Any] = {}
 
     def before(module, args, kwargs):
-        index, positions = (kwargs.pop(key, None) for key in PACKING_KEYS)
+        index, positions, padding = (kwargs.pop(key, None) for key in PACKING_KEYS)
         if index is None:
             return None
         ids = kwargs.pop("input_ids") if "input_ids" in kwargs else args[0]
         packed.update(index=index, shape=ids.shape)
-        kwargs.update(input_ids=ids.reshape(-1)[index].view(1, -1), attention_mask=None, position_ids=positions)
+        real = ids.reshape(-1)[index]
+        if padding:  # any token id: the padding is its own segment, and its outputs are dropped below
+            real = torch.cat([real, real.new_zeros(padding)])
+        kwargs.update(input_ids=real.view(1, -1), attention_mask=None, position_ids=positions)
         return (), kwargs
 
     def after(module, args, kwargs, output):
         if "index" not in packed:
             return None
         index, (rows, width) = packed.pop("index"), packed.pop("shape")
-        hidden = output.last_hidden_state[0]
+        hidden = output.last_hidden_state[0, : index.numel()]
         padded = hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden)
         output.last_hidden_state = padded.view(rows, width, -1)
         return output

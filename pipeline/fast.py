@@ -21,6 +21,10 @@
   bitsandbytes AdamW on CUDA.
 - `torch_compile`: each decoder layer's training forward as one compiled function (pipeline.compiled_layers); 'auto':
   on CUDA with packed varlen batches, no gradient checkpointing, and runs long enough to repay the compile.
+- `cuda_graphs` (with torch_compile): the compiled layers replayed as CUDA graphs (inductor's CUDA graph trees),
+  one recording per packed width; the packed widths are padded up to a multiple of GRAPH_WIDTH_MULTIPLE (the
+  padding a segment of its own, labelled -100) so a run sees a few widths, each recorded once. 'auto': SFT runs
+  long enough to repay the recordings.
 - `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
   and used by plain F.linear: the same model, fewer launches per step, ~2 bytes a base weight of memory.
 - `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real
@@ -46,6 +50,13 @@ FUSABLE_OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch")  # fp32-state AdamW: t
 # 'auto' compiles the decoder layers only for runs that repay the compile: on an H200 it cost ~17 s of first step
 # and then saved ~7 us a token (29.9k -> 37.8k tok/s, bench round 11), so it pays after ~2.4M real tokens.
 COMPILE_MIN_TOKENS = 3_000_000
+# cuda_graphs: a graph is recorded per packed width, so widths are rounded up to this multiple: the recipe's 8 chat
+# rows pack to ~2k-10k tokens, ~8 widths of 1,024 (~512 pad tokens a step on average).
+GRAPH_WIDTH_MULTIPLE = 1024
+# 'auto' replays CUDA graphs only for SFT runs that repay the recordings: on an H200 each packed width cost ~3.4 s to
+# record (inductor's bookkeeping of a 44-graph path) and replays then saved ~6.4 us a token (39.2k -> 52.4k tok/s,
+# bench round 12), so ~8 widths pay back after ~4.3M tokens.
+GRAPHS_MIN_TOKENS = 8_000_000
 DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes when the 16-bit copies take under this share of free memory
 
 
@@ -65,6 +76,8 @@ class Levers:
     activation_offloading: bool = False
     precompute_ref_log_probs: bool = False
     torch_compile: bool = False
+    cuda_graphs: bool = False
+    width_multiple: int = 0  # packed widths rounded up to this multiple (0: exact)
     dequantized_base: bool = False
     fused_lora: bool = False
     varlen_attention: bool = False
@@ -101,6 +114,8 @@ class Levers:
             "activation_offloading": self.activation_offloading,
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
             "torch_compile": self.torch_compile,
+            "cuda_graphs": self.cuda_graphs,
+            "packed_width_multiple": self.width_multiple,
             "dequantized_base": self.dequantized_base,
             "fused_lora": self.fused_lora,
             "varlen_attention": self.varlen_attention,
@@ -173,6 +188,24 @@ def compile_skipped(t, lv: Levers, model_config, stage: str, rows: int, mean_tok
     if planned is not None and planned < COMPILE_MIN_TOKENS:
         return (f"'auto' compiles runs of at least {COMPILE_MIN_TOKENS:,} real tokens (~17 s of compile pays back "
                 f"after ~2.4M); this one trains ~{planned:,.0f}")
+    return None
+
+
+def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[float]) -> Optional[str]:
+    """Why the compiled layers do not run as CUDA graphs (None: they do); after torch_compile is resolved on."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if lv.gradient_checkpointing:
+        return "not under gradient checkpointing (its recompute would run the layers' graphs inside the backward)"
+    if t.cuda_graphs is True:
+        return None
+    if stage == "dpo":
+        return ("'auto' leaves DPO eager: its step is bound by the reference pass and TRL's loss, and replaying the "
+                "policy's layers measured no faster (BENCHMARKS.md, round 12)")
+    planned = planned_tokens(t, lv, rows, mean_tokens, stage)
+    if planned is None or planned < GRAPHS_MIN_TOKENS:
+        return (f"'auto' replays graphs in runs of at least {GRAPHS_MIN_TOKENS:,} real tokens (each packed width costs "
+                f"~3.4 s to record); this one trains ~{planned or 0:,.0f}")
     return None
 
 
@@ -296,6 +329,14 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         if why_not:
             lv.notes.append(f"torch_compile skipped: {why_not}")
 
+    if t.cuda_graphs and lv.torch_compile:  # (they replay the compiled layers: nothing to say without them)
+        why_not = graphs_skipped(t, lv, stage, rows, mean_tokens)
+        lv.cuda_graphs = why_not is None
+        if why_not:
+            lv.notes.append(f"cuda_graphs skipped: {why_not}")
+        else:
+            lv.width_multiple = GRAPH_WIDTH_MULTIPLE
+
     if t.use_liger_kernel:
         why_not = liger_available()
         if why_not is None:
@@ -374,6 +415,57 @@ def trim_trainer_overhead(trainer) -> None:
     model.train, model.zero_grad = train, zero_grad
 
 
+# ---------------------------------------------------------------- DPO: the reference pass's adapter switch
+
+
+def quick_adapter_switch(model) -> bool:
+    """Give this peft model a `disable_adapter` that switches its LoRA layers, listed once, off and on again.
+
+    TRL runs DPO's reference pass inside peft's `model.disable_adapter()` every step. For LoRA that context walks the
+    whole module tree three times (`get_model_status`, which also formats every module as text, then disabling and
+    enabling every adapter layer): in the H200 profile of a DPO step it was the largest Python cost (BENCHMARKS.md,
+    round 12). Here the same per-layer calls run (`enable_adapters(False)`, then `(True)`, which also sets the adapter
+    weights' requires_grad as peft does) over the layers found once. Where peft's context does more (prompt
+    learning, adaption prompts, trained biases, auxiliary training wrappers, adapter layers already off or mixed),
+    peft's own runs.
+    Only this model instance changes. Returns whether it was installed.
+    """
+    import contextlib
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not hasattr(model, "disable_adapter") or not hasattr(model, "peft_config"):
+        return False
+    modules = list(model.modules())
+    if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
+        return False
+    layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+    peft_switch = model.disable_adapter
+
+    @contextlib.contextmanager
+    def disable_adapter():
+        config = model.peft_config[model.active_adapter]
+        if (config.is_prompt_learning or config.is_adaption_prompt or getattr(config, "bias", "none") != "none"
+                or not layers or any(layer.disable_adapters for layer in layers)):
+            with peft_switch():
+                yield
+            return
+        was_disabled = model._adapters_disabled
+        for layer in layers:
+            layer.enable_adapters(False)
+        model._adapters_disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            model._adapters_disabled = was_disabled
+
+    model.disable_adapter = disable_adapter
+    return True
+
+
 # ---------------------------------------------------------------- NF4 base weights dequantized once
 
 
@@ -439,17 +531,23 @@ class PackedRowsCollator:
     block-diagonal causal mask from position_ids. With `cu_seq_lens`, also the sequence boundaries of the
     flattened rows for variable-length attention (pipeline.varlen_attention): cu_seq_lens_q/_k (int32; a row's
     padding is a segment of its own) and max_length_q/_k (an int).
+
+    `width_multiple` (lever cuda_graphs): rows are padded to a multiple of it, and max_length_q/_k is the row
+    width (a bound on every segment), so a batch's shapes and ints are the same for every batch of one width.
     """
 
     pad_token_id: int
     capacity: int
     cu_seq_lens: bool = False
+    width_multiple: int = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
         labels = [list(e["labels"]) if e.get("labels") is not None else list(e["input_ids"]) for e in examples]
         rows = pack_rows([len(x) for x in ids], self.capacity)
         width = max(sum(len(ids[i]) for i in row) for row in rows)
+        if self.width_multiple:
+            width = -(-width // self.width_multiple) * self.width_multiple
         out_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), width), -100, dtype=torch.long)
         out_pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -472,7 +570,7 @@ class PackedRowsCollator:
         batch = {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
         if self.cu_seq_lens:
             cu = torch.tensor(bounds, dtype=torch.int32)
-            longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            longest = width if self.width_multiple else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return batch
 

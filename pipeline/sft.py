@@ -40,7 +40,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         if levers.varlen_attention:
             capacity = levers.batch_size * spec.training.max_length
         collator = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=capacity,
-                                           cu_seq_lens=levers.varlen_attention)
+                                           cu_seq_lens=levers.varlen_attention, width_multiple=levers.width_multiple)
     summary: dict = {}
     set_seed(spec.training.seed)  # LoRA init draws from the RNG: same seed, same adapter init
     trainer = SFTTrainer(

@@ -124,11 +124,21 @@ class TrainingSpec(_Spec):
     torch_compile: Union[bool, Literal["auto"]] = Field(
         "auto",
         description="Run each decoder layer's training forward (norms, RoPE, attention, SwiGLU and the seven LoRA "
-        "projections) as one torch.compile'd function shared by all layers (pipeline.compiled_layers): far fewer "
-        "kernel launches in a step bound by them. Needs packed batches (padding_free with varlen_attention) and a "
-        "Llama-shaped model; the first step pays the compile (15-20 s on an H200). 'auto': on with CUDA, without "
+        "projections) as one torch.compile'd function shared by all layers (pipeline.compiled_layers), and DPO's "
+        "reference pass (the adapter off) as its own inference graph: far fewer kernel launches in a step bound by "
+        "them. Needs packed batches (padding_free with varlen_attention) and a Llama-shaped model; the first step pays the compile (15-20 s on an H200). 'auto': on with CUDA, without "
         "gradient checkpointing, for runs of at least 3M real tokens (where the compile pays back); false: HF's "
         "eager layers.",
+    )
+    cuda_graphs: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="With torch_compile on CUDA: replay the compiled layers' forward and backward as CUDA graphs "
+        "(inductor's CUDA graph trees), so a step's layers cost a few graph launches of host time instead of "
+        "~2,500 kernel launches (SFT on an H200: 39k -> 52k tokens/s). A graph is recorded per packed width, so "
+        "packed widths are padded (a segment of pad tokens without loss) up to a multiple of 1,024 tokens, and each "
+        "width's first steps record it (~3.4 s each, ~8 widths for chat data). Not under gradient checkpointing. "
+        "'auto': SFT runs of at least 8M real tokens (where the recordings pay back); not DPO (its step is bound "
+        "by the host elsewhere: replays measured no faster; BENCHMARKS.md). true: wherever it applies; false: off.",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(
         "auto",

@@ -144,8 +144,21 @@ def prepare_model(trainer, dtype: torch.dtype, levers) -> None:
     if levers.fused_lora:
         fused_lora.fuse_lora(trainer.model)
     if levers.torch_compile:
-        compiled_layers.install(trainer.model)
+        compiled_layers.install(trainer.model, cuda_graphs=levers.cuda_graphs)
+        if levers.cuda_graphs:
+            trainer.add_callback(graph_steps_callback())
     fast.trim_trainer_overhead(trainer)
+
+
+def graph_steps_callback():
+    """A TrainerCallback that starts each optimizer step's replay of the layers' CUDA graphs (lever cuda_graphs)."""
+    from transformers import TrainerCallback
+
+    class GraphSteps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            compiled_layers.step_begin()
+
+    return GraphSteps()
 
 
 def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> None:

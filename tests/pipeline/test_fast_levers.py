@@ -66,6 +66,12 @@ def test_packed_collator_sequence_boundaries_for_varlen():
     one_row = fast.PackedRowsCollator(pad_token_id=3, capacity=100, cu_seq_lens=True)(
         [{"input_ids": [10, 11, 12]}, {"input_ids": [20, 21]}])
     assert one_row["input_ids"].shape == (1, 5) and one_row["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    # cuda_graphs: the width rounded up to the multiple, the padding its own segment, max_length the width
+    padded = fast.PackedRowsCollator(pad_token_id=3, capacity=100, cu_seq_lens=True, width_multiple=4)(
+        [{"input_ids": [10, 11, 12]}, {"input_ids": [20, 21]}])
+    assert padded["input_ids"].tolist() == [[10, 11, 12, 20, 21, 3, 3, 3]]
+    assert padded["labels"].tolist() == [[-100, 11, 12, -100, 21, -100, -100, -100]]
+    assert padded["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and padded["max_length_q"] == 8
 
 
 def test_resolve_fuses_accumulation_within_the_token_budget(tiny_demo):
@@ -346,7 +352,10 @@ def test_sft_levers_learn_the_same(tmp_path):
     assert on_summary["tokens_seen"] == off_summary["tokens_seen"]  # real tokens, pads not counted
 
 
-def test_dpo_levers_learn_the_same(tmp_path):
+def test_dpo_levers_learn_the_same(tmp_path, monkeypatch):
+    import functools
+
+    from pipeline import compiled_layers
     from pipeline.dpo import run_dpo
     from pipeline.events import read_events
     from pipeline.samples import DPO_SAMPLE
@@ -364,13 +373,24 @@ def test_dpo_levers_learn_the_same(tmp_path):
     _, on = _run(run_dpo, spec(ON), tmp_path / "on")
     pre = dict(ON, precompute_ref_log_probs=True)
     _, precomputed = _run(run_dpo, spec(pre), tmp_path / "pre")
+    # The compiled layers for the policy and for the reference pass (the adapter off), traced with aot_eager here
+    # (the same graphs inductor compiles; test_sft_torch_compile_learns_the_same runs inductor's kernels).
+    calls = []
+    compiled_fn = compiled_layers._compiled
+    monkeypatch.setattr(compiled_layers, "_compiled",
+                        lambda *key: lambda *args: calls.append(torch.is_grad_enabled()) or compiled_fn(*key)(*args))
+    monkeypatch.setattr(compiled_layers, "install", functools.partial(compiled_layers.install, backend="aot_eager"))
+    _, compiled = _run(run_dpo, spec(dict(ON, torch_compile=True)), tmp_path / "compiled")
+    assert calls.count(True) == calls.count(False) == 2 * 2  # steps x layers (one fused micro-batch), each pass
     start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]  # packed pairs, fused LoRA
-    for a, b, c in zip(off, on, precomputed):
+    for a, b, c, d in zip(off, on, precomputed, compiled):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
         assert math.isclose(a["loss"], c["loss"], rel_tol=1e-4), (a, c)
+        assert math.isclose(a["loss"], d["loss"], rel_tol=1e-4), (a, d)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
-    assert len(on) == len(off) == 2
+        assert math.isclose(a["grad_norm"], d["grad_norm"], rel_tol=1e-3), (a, d)
+    assert len(on) == len(off) == len(compiled) == 2
 
 
 def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
@@ -510,15 +530,23 @@ def test_varlen_attention_is_the_masked_packed_attention(demo_model, tokenizer):
         loss.backward()
         return loss.item(), demo_model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
+    padded_batch = fast.PackedRowsCollator(pad_token_id=pad, capacity=10_000, cu_seq_lens=True,
+                                          width_multiple=256)(examples)  # lever cuda_graphs' padded width
+    assert padded_batch["input_ids"].shape[1] % 256 == 0 and padded_batch["input_ids"].shape[1] > varlen_batch[
+        "input_ids"].shape[1]
+
     masked_loss, masked_grad = loss_and_grad(masked_batch)
     with varlen_attention.use(demo_model):
         assert demo_model.config._attn_implementation == varlen_attention.NAME
         varlen_loss, varlen_grad = loss_and_grad(varlen_batch)
+        padded_loss, padded_grad = loss_and_grad(padded_batch)
         with pytest.raises(RuntimeError, match="cu_seq_lens_q"):
             demo_model(**masked_batch)  # no boundaries: refused, never attended across sequences
     assert demo_model.config._attn_implementation == "sdpa"  # generation afterwards keeps sdpa
     assert math.isclose(masked_loss, varlen_loss, rel_tol=1e-5), (masked_loss, varlen_loss)
     assert torch.allclose(masked_grad, varlen_grad, rtol=1e-4, atol=1e-6)
+    assert math.isclose(padded_loss, varlen_loss, rel_tol=1e-5), (padded_loss, varlen_loss)
+    assert torch.allclose(padded_grad, varlen_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_packed_preference_batches_give_the_padded_hidden_states(demo_model):
@@ -542,10 +570,52 @@ def test_packed_preference_batches_give_the_padded_hidden_states(demo_model):
     assert torch.allclose(packed[real], padded[real], rtol=1e-4, atol=1e-5)
     assert not packed[~real].any()
     assert demo_model.config._attn_implementation == "sdpa" and not demo_model.model._forward_pre_hooks
+    # cuda_graphs' padded width: pad tokens run as a segment of their own, their outputs are dropped
+    padded_batch = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0), width_multiple=64)(
+        examples)
+    total = int(mask.sum())  # 81 real tokens: 128 with the padding
+    assert padded_batch["packed_padding"] == 128 - total and padded_batch["max_length_q"] == 128
+    assert padded_batch["cu_seq_lens_q"].tolist()[-2:] == [total, 128]
+    with dpo_packing.packing(demo_model):
+        padded_out = demo_model.model(**{k: v for k, v in padded_batch.items() if k != "completion_mask"})
+    assert torch.allclose(padded_out.last_hidden_state, packed, rtol=1e-4, atol=1e-5)
     left = dict(batch, attention_mask=mask.flip(1))
     with pytest.raises(ValueError, match="right-padded"):
         collate.inner = lambda _examples: left
         collate(examples)
+
+
+def test_quick_adapter_switch_is_peft_switch(tiny_demo):
+    """DPO's reference pass switches the adapter off through model.disable_adapter(): the quick switch gives the
+    base model's outputs inside, the adapted outputs and trainable weights back after, and leaves adapters that
+    are already off to peft's own context."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import compiled_layers, modeling
+    from pipeline.specs import QuantSpec
+
+    torch.manual_seed(0)
+    base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="none", compute_dtype="fp32"), torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, init_lora_weights=False, target_modules=list(compiled_layers.PROJECTIONS)))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            peft_base = model(input_ids=ids).logits
+        assert fast.quick_adapter_switch(model)
+        with model.disable_adapter():
+            quick_base = model(input_ids=ids).logits
+            assert not model.has_active_enabled_adapter
+        after = model(input_ids=ids).logits
+    assert not torch.equal(adapted, peft_base)
+    assert torch.equal(quick_base, peft_base) and torch.equal(after, adapted)
+    assert model.has_active_enabled_adapter
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    model.base_model.disable_adapter_layers()  # already off: peft's context runs, and leaves them off
+    with model.disable_adapter():
+        pass
+    assert all(m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
 
 
 def test_trimmed_trainer_overhead_gives_the_same_answers(tiny_demo, tmp_path):
@@ -700,10 +770,65 @@ def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
     assert any("need Triton, which cannot be imported" in n for n in no_triton.notes), no_triton.notes
 
 
+def test_cuda_graphs_resolve_with_the_compiled_layers_on_cuda(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
+
+    from pipeline import compiled_layers
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    compiled = TrainingSpec(max_length=2048, torch_compile=True)
+    assert compiled.cuda_graphs == "auto"
+    cpu = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=20_000, mean_tokens=650)
+    assert cpu.torch_compile and not cpu.cuda_graphs and cpu.width_multiple == 0  # (inductor's CPU kernels)
+    assert "cuda_graphs skipped: no CUDA device" in cpu.notes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    monkeypatch.setattr(compiled_layers, "gpu_kernels_unavailable", lambda: None)  # as with Triton installed
+    long_sft = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=20_000, mean_tokens=650)  # 13M tokens
+    assert long_sft.cuda_graphs and long_sft.width_multiple == fast.GRAPH_WIDTH_MULTIPLE
+    assert long_sft.effective()["cuda_graphs"] is True and long_sft.effective()["packed_width_multiple"] == 1024
+    short_sft = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650)  # 1.56M
+    assert not short_sft.cuda_graphs and short_sft.width_multiple == 0
+    assert any("at least 8,000,000 real tokens" in n and "trains ~1,560,000" in n for n in short_sft.notes)
+    dpo = fast.resolve(compiled, "dpo", config, torch.bfloat16, rows=20_000, mean_tokens=650)
+    assert not dpo.cuda_graphs and any("'auto' leaves DPO eager" in n for n in dpo.notes)
+    forced = compiled.model_copy(update={"cuda_graphs": True})
+    assert fast.resolve(forced, "dpo", config, torch.bfloat16, rows=100, mean_tokens=650).cuda_graphs
+    off = fast.resolve(compiled.model_copy(update={"cuda_graphs": False}), "sft", config, torch.bfloat16,
+                       rows=20_000, mean_tokens=650)
+    assert not off.cuda_graphs and off.width_multiple == 0 and not any("cuda_graphs" in n for n in off.notes)
+    checkpointed = fast.resolve(forced.model_copy(update={"gradient_checkpointing": True}), "sft", config,
+                                torch.bfloat16, rows=100)
+    assert checkpointed.torch_compile and not checkpointed.cuda_graphs
+    assert any(n.startswith("cuda_graphs skipped: not under gradient checkpointing") for n in checkpointed.notes)
+    eager = fast.resolve(forced.model_copy(update={"torch_compile": False}), "sft", config, torch.bfloat16, rows=100)
+    assert not eager.cuda_graphs and not any("cuda_graphs" in n for n in eager.notes)
+
+
+def test_cuda_graphs_read_every_layer_weight_in_place(tiny_demo):
+    """Installed for CUDA graphs, every weight the compiled layer reads is marked static (a replay reads it where it
+    is: LoRA A and B, the norms, the dequantized base copies), so the graphs neither copy nor re-record them."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import compiled_layers, modeling
+    from pipeline.specs import QuantSpec
+
+    base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"), torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=list(compiled_layers.PROJECTIONS)))
+    fast.dequantize_base(model)
+    assert compiled_layers.install(model, cuda_graphs=True) == model.config.num_hidden_layers
+    layer = fast.decoder_of(model).layers[0]
+    static = [t for t in layer.parameters() if getattr(t, "_dynamo_static_input_type", None)]
+    assert len(static) == 2 + 2 * 7  # the norms, A and B of the seven projections (NF4 weights are not read)
+    copies = [m.dequantized_weight for m in layer.modules() if hasattr(m, "dequantized_weight")]
+    assert len(copies) == 7 and all(getattr(w, "_dynamo_static_input_type", None) for w in copies)
+
+
 @pytest.mark.parametrize("variant", ["fp32", "nf4", "checkpointing", "dropout"])
 def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
     """The compiled decoder layer (traced by dynamo, forward and backward split by AOTAutograd): HF's eager
-    layers' loss and LoRA gradients on packed sequences; DPO's reference pass and evaluation keep HF's forward."""
+    layers' loss and LoRA gradients on packed sequences, and DPO's reference pass (adapter off, no gradients) its
+    loss; evaluation with the adapter on keeps HF's forward."""
     from peft import LoraConfig, get_peft_model
 
     from pipeline import compiled_layers, fused_lora, modeling, varlen_attention
@@ -712,7 +837,7 @@ def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
     calls = []  # layer forwards that took the compiled function
     compiled_fn = compiled_layers._compiled
     monkeypatch.setattr(compiled_layers, "_compiled",
-                        lambda backend: lambda *args: calls.append(backend) or compiled_fn(backend)(*args))
+                        lambda *key: lambda *args: calls.append(key) or compiled_fn(*key)(*args))
 
     batches = [fast.PackedRowsCollator(pad_token_id=0, capacity=10_000, cu_seq_lens=True)(
         [{"input_ids": list(range(start, start + n))} for n in lengths])
@@ -743,9 +868,13 @@ def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
                 loss.backward()
                 losses.append(loss.item())
             trained_calls = len(calls)
-            with model.disable_adapter(), torch.no_grad():
+            with model.disable_adapter(), torch.no_grad():  # DPO's reference pass: the base projections alone
                 reference = model(**batches[0]).loss.item()
-            assert len(calls) == trained_calls  # the adapter off, no gradients: HF's own forward
+            assert len(calls) == trained_calls + (model.config.num_hidden_layers if compiled else 0)
+            model.eval()
+            with torch.no_grad():  # evaluation with the adapter on: HF's own forward
+                model(**batches[0])
+            assert len(calls) == trained_calls + (model.config.num_hidden_layers if compiled else 0)
         layers = model.config.num_hidden_layers
         # every layer of both steps (under checkpointing, again in the recompute), and only when installed
         assert trained_calls == (len(batches) * layers * (2 if variant == "checkpointing" else 1) if compiled else 0)
@@ -753,13 +882,13 @@ def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
         return losses, grads, reference
 
     eager, compiled = run(False), run(True)
+    assert math.isclose(eager[2], compiled[2], rel_tol=1e-6), (eager[2], compiled[2])  # the reference pass
     if variant == "dropout":  # other draws (the traced graph's own random stream): the same rate, not the same mask
-        assert all(math.isfinite(loss) for loss in compiled[0]) and compiled[2] == eager[2]
+        assert all(math.isfinite(loss) for loss in compiled[0])
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in compiled[1].values())
         return
     for a, b in zip(eager[0], compiled[0]):
         assert math.isclose(a, b, rel_tol=1e-5), (eager[0], compiled[0])
-    assert eager[2] == compiled[2]
     assert eager[1].keys() == compiled[1].keys() and len(eager[1]) == 14 * 2
     for name in eager[1]:
         assert torch.allclose(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6), name

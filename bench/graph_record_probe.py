@@ -1,0 +1,97 @@
+"""What the compiled layers' CUDA graphs cost to record and what a replayed step spends on the GPU (lever
+cuda_graphs), on a CUDA card.
+
+    python -m bench.graph_record_probe [--cprofile]
+
+TinyLlama-shaped model (random weights), NF4 dequantized once, LoRA r64 (dropout 0.1), compiled layers with CUDA
+graphs, packed widths padded to fast.GRAPH_WIDTH_MULTIPLE. Times the forward and backward (no optimizer) of one
+packed width through compile, warm-up, recording and replays, then a second and third width (the second makes the
+graph dynamic: a recompile); prints torch.profiler's top GPU kernels over 3 replays with the GPU's busy time
+against the wall time, and with --cprofile the Python profile of one recording.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from bench.synthetic import build_tinyllama_shaped
+    from pipeline import compiled_layers, fast, fused_lora, modeling, varlen_attention
+    from pipeline.specs import QuantSpec
+
+    base = build_tinyllama_shaped(Path("/tmp/graph_probe_model"))
+    model = modeling.load_base(str(base), QuantSpec(compute_dtype="bf16"), torch.bfloat16)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1,
+                                             target_modules=list(compiled_layers.PROJECTIONS)))
+    modeling.cast_trainable(model, torch.bfloat16, master_fp32=True)
+    fast.dequantize_base(model)
+    fused_lora.fuse_lora(model)
+    compiled_layers.install(model, cuda_graphs=True)
+    model.train()
+    collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
+                                      width_multiple=fast.GRAPH_WIDTH_MULTIPLE)
+    generator = torch.Generator().manual_seed(1)
+
+    def batch(lengths):
+        examples = [{"input_ids": torch.randint(7, 32000, (n,), generator=generator).tolist()} for n in lengths]
+        return {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(examples).items()}
+
+    widths = [batch([700, 900, 1300, 400, 800, 600, 500, 300]), batch([1700, 900, 1300, 400, 800, 600, 500, 300]),
+              batch([1700, 1900, 1300, 400, 800, 600, 500, 300])]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(b) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        compiled_layers.step_begin()
+        for p in trainable:
+            p.grad = None
+        model(**b).loss.backward()
+        torch.cuda.synchronize()
+        return round(time.perf_counter() - t0, 3)
+
+    out = {"card": torch.cuda.get_device_name(), "widths": [b["input_ids"].shape[1] for b in widths]}
+    python_profile = cProfile.Profile()
+    with varlen_attention.use(model), torch.autocast("cuda", dtype=torch.bfloat16):
+        out["width1: compile, warm-up, recording, replays"] = [step(widths[0]) for _ in range(6)]
+        out["width2: recompile (dynamic) and warm-up"] = step(widths[1])
+        if "--cprofile" in sys.argv:
+            python_profile.enable()
+        out["width2: recording"] = step(widths[1])
+        python_profile.disable()
+        out["width2: replays"] = [step(widths[1]) for _ in range(3)]
+        out["width3: warm-up, recording, replays"] = [step(widths[2]) for _ in range(4)]
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                step(widths[0])
+            wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    out["3 replays of width1: wall ms"] = round(wall * 1000, 1)
+    out["3 replays of width1: GPU busy ms (sum of kernel times)"] = round(gpu_us / 1000, 1)
+    print(out)
+    print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    if "--cprofile" in sys.argv:
+        text = io.StringIO()
+        stats = pstats.Stats(python_profile, stream=text)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(20)
+        print(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
