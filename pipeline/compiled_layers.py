@@ -209,7 +209,8 @@ def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 
 
 def install(model, backend: str = "inductor", cuda_graphs: bool = False) -> int:
-    """Route the training forward of every decoder layer of `model` through the compiled layer; returns how many.
+    """Route the packed forwards of every decoder layer of `model` (training, and DPO's reference pass) through the
+    compiled layer; returns how many layers.
 
     Only this model's layer instances change (their bound forward); the classes stay as they are. `backend`:
     torch.compile's (inductor on a GPU; the CPU tests trace with aot_eager, the same graph capture and

@@ -200,12 +200,13 @@ def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[f
     if t.cuda_graphs is True:
         return None
     if stage == "dpo":
-        return ("'auto' leaves DPO eager: its step is bound by the reference pass and TRL's loss, and replaying the "
-                "policy's layers measured no faster (BENCHMARKS.md, round 12)")
+        return ("'auto' leaves DPO without graphs: its step is bound by the host elsewhere, and replaying its layers "
+                "measured no faster (BENCHMARKS.md, round 12)")
     planned = planned_tokens(t, lv, rows, mean_tokens, stage)
     if planned is None or planned < GRAPHS_MIN_TOKENS:
+        size = "its size is unknown" if planned is None else f"this one trains ~{planned:,.0f}"
         return (f"'auto' replays graphs in runs of at least {GRAPHS_MIN_TOKENS:,} real tokens (each packed width costs "
-                f"~3.4 s to record); this one trains ~{planned or 0:,.0f}")
+                f"~3.4 s to record); {size}")
     return None
 
 
@@ -427,8 +428,7 @@ def quick_adapter_switch(model) -> bool:
     round 12). Here the same per-layer calls run (`enable_adapters(False)`, then `(True)`, which also sets the adapter
     weights' requires_grad as peft does) over the layers found once. Where peft's context does more (prompt
     learning, adaption prompts, trained biases, auxiliary training wrappers, adapter layers already off or mixed),
-    peft's own runs.
-    Only this model instance changes. Returns whether it was installed.
+    peft's own runs. Only this model instance changes. Returns whether it was installed.
     """
     import contextlib
 
