@@ -18,11 +18,14 @@ import sys
 import time
 
 
-def run(base: str, quantization: str, compiled: bool, graphs: bool = False) -> tuple[list[float], dict, float]:
+def lora_model(base: str, quantization: str, *, dropout: float = 0.0, master_fp32: bool = False,
+               compiled: bool = False, graphs: bool = False):
+    """The stage's model on CUDA in bf16: LoRA r64 on the 7 projections (B drawn, not zero, so every LoRA weight
+    has a gradient), NF4 weights dequantized once, fused LoRA functions, compiled layers (with CUDA graphs)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import compiled_layers, fast, fused_lora, modeling, varlen_attention
+    from pipeline import compiled_layers, fast, fused_lora, modeling
     from pipeline.specs import QuantSpec
 
     model = modeling.load_base(modeling.resolve_model(base), QuantSpec(quantization=quantization,
@@ -31,21 +34,42 @@ def run(base: str, quantization: str, compiled: bool, graphs: bool = False) -> t
     # other losses than all its later runs (loading draws from the RNG differently the first time); seeded
     # here, the first run gives theirs (H200).
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=32, lora_dropout=dropout, init_lora_weights=False,
                                              target_modules=list(compiled_layers.PROJECTIONS)))
+    if master_fp32:
+        modeling.cast_trainable(model, torch.bfloat16, master_fp32=True)
     fast.dequantize_base(model)
     fused_lora.fuse_lora(model)
     if compiled:
         compiled_layers.install(model, cuda_graphs=graphs)
     model.train()
+    return model
+
+
+def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[dict]:
+    """One packed CUDA batch of random tokens per tuple of sequence lengths (widths padded as cuda_graphs pads)."""
+    import torch
+
+    from pipeline import fast
+
     collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
                                       width_multiple=fast.GRAPH_WIDTH_MULTIPLE if graphs else 0)
     generator = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
     batches = []
-    for lengths in ((700, 90, 1300, 400), (250, 1800, 60)):  # two widths: the graph turns dynamic
-        examples = [{"input_ids": torch.randint(7, vocab, (n,), generator=generator).tolist()} for n in lengths]
+    for row in lengths:
+        examples = [{"input_ids": torch.randint(7, model.config.vocab_size, (n,), generator=generator).tolist()}
+                    for n in row]
         batches.append({k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(examples).items()})
+    return batches
+
+
+def run(base: str, quantization: str, compiled: bool, graphs: bool = False) -> tuple[list[float], dict, float]:
+    import torch
+
+    from pipeline import compiled_layers, varlen_attention
+
+    model = lora_model(base, quantization, compiled=compiled, graphs=graphs)
+    batches = packed_batches(model, [(700, 90, 1300, 400), (250, 1800, 60)], graphs)  # two widths: dynamic graph
     trainable = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     with varlen_attention.use(model), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -22,32 +22,15 @@ from pathlib import Path
 
 def main() -> int:
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from bench.compiled_layer_check import lora_model, packed_batches
     from bench.synthetic import build_tinyllama_shaped
-    from pipeline import compiled_layers, fast, fused_lora, modeling, varlen_attention
-    from pipeline.specs import QuantSpec
+    from pipeline import compiled_layers, varlen_attention
 
-    base = build_tinyllama_shaped(Path("/tmp/graph_probe_model"))
-    model = modeling.load_base(str(base), QuantSpec(compute_dtype="bf16"), torch.bfloat16)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1,
-                                             target_modules=list(compiled_layers.PROJECTIONS)))
-    modeling.cast_trainable(model, torch.bfloat16, master_fp32=True)
-    fast.dequantize_base(model)
-    fused_lora.fuse_lora(model)
-    compiled_layers.install(model, cuda_graphs=True)
-    model.train()
-    collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
-                                      width_multiple=fast.GRAPH_WIDTH_MULTIPLE)
-    generator = torch.Generator().manual_seed(1)
-
-    def batch(lengths):
-        examples = [{"input_ids": torch.randint(7, 32000, (n,), generator=generator).tolist()} for n in lengths]
-        return {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(examples).items()}
-
-    widths = [batch([700, 900, 1300, 400, 800, 600, 500, 300]), batch([1700, 900, 1300, 400, 800, 600, 500, 300]),
-              batch([1700, 1900, 1300, 400, 800, 600, 500, 300])]
+    base = str(build_tinyllama_shaped(Path("/tmp/graph_probe_model")))
+    model = lora_model(base, "nf4", dropout=0.1, master_fp32=True, compiled=True, graphs=True)
+    rest = (1300, 400, 800, 600, 500, 300)  # 8 chat rows a step, three packed widths
+    widths = packed_batches(model, [(700, 900, *rest), (1700, 900, *rest), (1700, 1900, *rest)], graphs=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(b) -> float:

@@ -251,18 +251,18 @@ def stage_training(stage: str, max_length: int) -> dict:
     return dict(shape, learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
 
 
-def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
-    """The project's stage function, in-process, with the meter added to its callbacks."""
+def call_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, callback) -> None:
+    """The project's stage function (pipeline.sft.run_sft / pipeline.dpo.run_dpo) in-process, in a fresh `out`,
+    with `callback` beside the stage's own TrainerCallback."""
     import pipeline.dpo as dpo_mod
     import pipeline.sft as sft_mod
-    from pipeline.events import EventLog, read_events
+    from pipeline.events import EventLog
     from pipeline.specs import DPOSpec, SFTSpec
 
     fresh_dir(out)
-    meter = make_meter(cfg.seconds)
     module = sft_mod if stage == "sft" else dpo_mod
     original = module.make_callback
-    module.make_callback = lambda log, summary: Both(original(log, summary), meter)
+    module.make_callback = lambda log, summary: Both(original(log, summary), callback)
     common = dict(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
                   eval_prompts={"prompts": [], "max_new_tokens": 1})
     training = dict(training, save_steps=10_000_000)
@@ -273,6 +273,14 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
     finally:
         module.make_callback = original
         log.close()
+
+
+def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
+    """The project's stage, measured by the meter."""
+    from pipeline.events import read_events
+
+    meter = make_meter(cfg.seconds)
+    call_stage(cfg, stage, data_path, out, training, meter)
     result = meter.result()
     start = next((e for e in read_events(out / "events.jsonl") if e["event"] == "start"), {})
     result["levers"] = start.get("levers")
@@ -335,12 +343,6 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    import pipeline.dpo as dpo_mod
-    import pipeline.sft as sft_mod
-    from pipeline.events import EventLog
-    from pipeline.specs import DPOSpec, SFTSpec
-
-    module = sft_mod if stage == "sft" else dpo_mod
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, record_shapes=False)
     py_prof = cProfile.Profile()
@@ -382,18 +384,7 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
                         state["phase"] = "done"
                         control.should_training_stop = True
 
-    original = module.make_callback
-    module.make_callback = lambda log, summary: Both(original(log, summary), Prof())
-    fresh_dir(out)
-    spec = (SFTSpec if stage == "sft" else DPOSpec)(
-        base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
-        eval_prompts={"prompts": [], "max_new_tokens": 1}, training=dict(training, save_steps=10_000_000))
-    log = EventLog(out / "events.jsonl")
-    try:
-        (sft_mod.run_sft if stage == "sft" else dpo_mod.run_dpo)(spec, out, log)
-    finally:
-        module.make_callback = original
-        log.close()
+    call_stage(cfg, stage, data_path, out, training, Prof())
     stopped_in = state["phase"]
     sections = [f"{steps} steps per phase of the project's {stage.upper()} stage"]
     if stopped_in in phases:  # the data ran out first: report what ran
