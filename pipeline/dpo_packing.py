@@ -46,7 +46,7 @@ class PackedPairsCollator:
             raise ValueError("DPO packing expects right-padded rows (a mask of ones, then zeros)")
         lengths = lengths.tolist()
         total = sum(lengths)
-        padded = -(-total // self.width_multiple) * self.width_multiple if self.width_multiple else total
+        padded = fast.padded_width(total, self.width_multiple)
         segments = lengths + ([padded - total] if padded > total else [])
         batch["packed_index"] = torch.cat([torch.arange(n) + r * width for r, n in enumerate(lengths)])
         batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in segments]).view(1, -1)

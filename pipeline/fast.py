@@ -77,7 +77,6 @@ class Levers:
     precompute_ref_log_probs: bool = False
     torch_compile: bool = False
     cuda_graphs: bool = False
-    width_multiple: int = 0  # packed widths rounded up to this multiple (0: exact)
     dequantized_base: bool = False
     fused_lora: bool = False
     varlen_attention: bool = False
@@ -90,6 +89,11 @@ class Levers:
     max_steps: int = -1  # the spec's max_steps / k (rounded up); -1: epochs
     save_steps: int = 50  # the spec's save_steps / k (rounded up)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def width_multiple(self) -> int:
+        """Packed widths are rounded up to this multiple (0: exact): each width is one CUDA graph recording."""
+        return GRAPH_WIDTH_MULTIPLE if self.cuda_graphs else 0
 
     def config_kwargs(self) -> dict[str, Any]:
         """TrainingArguments fields of the levers (gradient checkpointing and the batch shape are set apart)."""
@@ -335,8 +339,6 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         lv.cuda_graphs = why_not is None
         if why_not:
             lv.notes.append(f"cuda_graphs skipped: {why_not}")
-        else:
-            lv.width_multiple = GRAPH_WIDTH_MULTIPLE
 
     if t.use_liger_kernel:
         why_not = liger_available()
@@ -501,6 +503,11 @@ def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- SFT: packed rows, no attention mask
 
 
+def padded_width(tokens: int, multiple: int) -> int:
+    """`tokens` rounded up to a multiple of `multiple` (0: unchanged)."""
+    return -(-tokens // multiple) * multiple if multiple else tokens
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing: indices of sequences grouped into rows of at most `capacity` tokens.
 
@@ -545,9 +552,7 @@ class PackedRowsCollator:
         ids = [list(e["input_ids"]) for e in examples]
         labels = [list(e["labels"]) if e.get("labels") is not None else list(e["input_ids"]) for e in examples]
         rows = pack_rows([len(x) for x in ids], self.capacity)
-        width = max(sum(len(ids[i]) for i in row) for row in rows)
-        if self.width_multiple:
-            width = -(-width // self.width_multiple) * self.width_multiple
+        width = padded_width(max(sum(len(ids[i]) for i in row) for row in rows), self.width_multiple)
         out_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(rows), width), -100, dtype=torch.long)
         out_pos = torch.zeros((len(rows), width), dtype=torch.long)
