@@ -1,6 +1,7 @@
 """SFT and DPO throughput side by side, in one process on one CUDA card (issue 4).
 
-    python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--profile]
+    python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--runs c,c-x] [--repeat 2]
+                                [--profile [--profile-runs c,c-x]]
     python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
 
 Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
@@ -21,8 +22,14 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c-graphs  c with cuda_graphs=true: the compiled layers replayed as CUDA graphs, packed widths padded to a multiple
      of --width-multiple (its 'auto' leaves runs this short without: each width's recording costs seconds, so a
      short run shows mostly recordings; tokens_per_s_late, the run's second half, shows the replay rate).
-  c-refeager (DPO)  c with DPO's reference pass through HF's eager layers (before round 12: the compiled layers
-     served the policy's forward only).
+  c-noworkers  c with dataloader_workers=0: batches collated in the training process, between steps (before
+     round 13).
+  c-unshared (DPO)  c with share_prompt=false: each pair's prompt computed twice, in its chosen and its rejected
+     row (before round 13).
+  c-inline (DPO)  c with precompute_ref_log_probs=false: the reference forward inside every step (before round 13;
+     c's 'auto' precomputes, as its 200 steps train every one of the 1,200 pairs).
+  c-refeager (DPO)  c-inline with DPO's reference pass through HF's eager layers (before round 12: the compiled
+     layers served the policy's forward only).
   c-nf4 (SFT)  c with dequantized_base=false (bitsandbytes dequantizes the NF4 weights in every call).
   c-peft (SFT)  c with fused_lora=false (peft's own LoRA modules instead of one autograd function a projection).
   c-liger-all (SFT)  c with use_liger_kernel=true: Liger's SwiGLU and RMSNorm as well as its RoPE (the default
@@ -36,7 +43,9 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
      (which keeps the paged optimizer; torch_compile 'auto', so eager layers under checkpointing).
 Each run is time-bounded: it stops after --seconds of training and at least 6 steps (within 4 x --seconds;
 the schedule is the nominal run's, so the learning rate is what the full run would use at those steps).
-Reported: real (non-pad) tokens/s over the steps after the first two, peak GPU memory (torch allocator;
+Reported: real (non-pad) tokens/s over the steps after the first two (a DPO run that precomputed its reference
+log-probs is charged their seconds per pair for the pairs those steps train; tokens_per_s_steps leaves them out),
+peak GPU memory (torch allocator;
 paged optimizer states live in managed memory and are not counted), loss around the same token count for
 all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes
 OUT_DIR/train_bench.json and prints a table.
@@ -99,18 +108,25 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
             if logs and "loss" in logs:
                 self.losses[state.global_step] = float(logs["loss"])
 
-        def result(self) -> dict:
+        def result(self, charge_per_step: float = 0.0) -> dict:
+            """`charge_per_step`: seconds of work done before training on each step's behalf (DPO's precomputed
+            reference log-probs), added to every measured step so the rates include it."""
             pts = self.points
             out: dict[str, Any] = {"steps": len(pts), "tokens": pts[-1]["tokens"] if pts else 0,
                                    "train_s": round(pts[-1]["t"], 2) if pts else 0.0,
                                    "first_step_s": round(pts[0]["t"], 2) if pts else None}
+
+            def rate(i: int) -> float:
+                first, last = pts[i], pts[-1]
+                seconds = last["t"] - first["t"] + (len(pts) - 1 - i) * charge_per_step
+                return round((last["tokens"] - first["tokens"]) / seconds, 1)
+
             if len(pts) > WARMUP_STEPS + 1:
-                first, last = pts[WARMUP_STEPS - 1], pts[-1]
-                out["tokens_per_s"] = round((last["tokens"] - first["tokens"]) / (last["t"] - first["t"]), 1)
+                out["tokens_per_s"] = rate(WARMUP_STEPS - 1)
                 # The second half alone: past what a run's first steps of each shape pay (CUDA graph recordings).
-                mid = pts[max(WARMUP_STEPS - 1, len(pts) // 2)]
-                if last["t"] > mid["t"]:
-                    out["tokens_per_s_late"] = round((last["tokens"] - mid["tokens"]) / (last["t"] - mid["t"]), 1)
+                mid = max(WARMUP_STEPS - 1, len(pts) // 2)
+                if pts[-1]["t"] > pts[mid]["t"]:
+                    out["tokens_per_s_late"] = rate(mid)
             elif pts:
                 out["tokens_per_s"] = round(pts[-1]["tokens"] / max(pts[-1]["t"], 1e-9), 1)
                 out["note"] = "too few steps to skip warm-up"
@@ -281,8 +297,15 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
 
     meter = make_meter(cfg.seconds)
     call_stage(cfg, stage, data_path, out, training, meter)
-    result = meter.result()
     start = next((e for e in read_events(out / "events.jsonl") if e["event"] == "start"), {})
+    reference = start.get("reference_logps")  # DPO's reference log-probs, precomputed before the first step
+    if reference and reference.get("rows"):
+        # Its cost per pair, charged to every step for the pairs it trains: the rates are the whole run's.
+        charge = reference["seconds"] / reference["rows"] * start["levers"]["sequences_per_step"]
+        result = dict(meter.result(charge), reference_logps=reference,
+                      tokens_per_s_steps=meter.result().get("tokens_per_s"))
+    else:
+        result = meter.result()
     result["levers"] = start.get("levers")
     if "torch._dynamo" in sys.modules:  # inductor's count of graphs it left out of CUDA graphs, with its log's reasons
         result["cudagraph_skips"] = sys.modules["torch._dynamo"].utils.counters["inductor"].get("cudagraph_skips", 0)
@@ -437,6 +460,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--runs", default=None, help="comma list of the runs to do (e.g. c,c-eager); default all")
     ap.add_argument("--profile", action="store_true",
                     help="also profile a few steps of the project's stage (each stage --only leaves on)")
+    ap.add_argument("--profile-runs", default="c", help="with --profile: the project runs to profile (e.g. c,c-unshared)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the project's runs (not c-warmup) this many times")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     ap.add_argument("--width-multiple", type=int, default=None,
                     help="cuda_graphs' packed-width multiple (default pipeline.fast.GRAPH_WIDTH_MULTIPLE)")
@@ -511,53 +536,59 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("dpo", "a", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_a", batch=2, accumulation=4, max_length=short_len), None),
             ("dpo", "b", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_b", batch=8, accumulation=1, max_length=dpo_len), None),
         ]
+    # The project's runs: (stage, name, training fields, fallback fields or None, wrapper or None). The compiled
+    # layers (and Liger's Triton kernels) compile in the first project run of a process: an untimed warm-up run
+    # takes that cost, else whichever c variant runs first pays it.
+    variants: list[tuple] = []
     if sft_on:
-        # The compiled layers (and Liger's Triton kernels) compile in the first project run of a process:
-        # an untimed warm-up run takes that cost, else whichever c variant runs first pays it.
-        plan.append(("sft", "c-warmup", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_warmup", fast_sft),
-                     None))
-        plan.append(("sft", "c", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c", fast_sft),
-                     lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_c2", dict(fast_sft, use_liger_kernel=False))))
-        plan.append(("sft", "c-eager", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_eager",
-                                                        dict(fast_sft, torch_compile=False)), None))
-        plan.append(("sft", "c-graphs", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_graphs",
-                                                         dict(fast_sft, cuda_graphs=True)), None))
+        variants += [
+            ("sft", "c-warmup", fast_sft, None, None),
+            ("sft", "c", fast_sft, dict(fast_sft, use_liger_kernel=False), None),
+            ("sft", "c-eager", dict(fast_sft, torch_compile=False), None, None),
+            ("sft", "c-graphs", dict(fast_sft, cuda_graphs=True), None, None),
+            ("sft", "c-noworkers", dict(fast_sft, dataloader_workers=0), None, None),
+        ]
     if dpo_on:
-        plan.append(("dpo", "c-warmup", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_warmup", fast_dpo),
-                     None))
-        plan.append(("dpo", "c", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c", fast_dpo),
-                     lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_c2", dict(fast_dpo, use_liger_kernel=False))))
-        plan.append(("dpo", "c-eager", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_eager",
-                                                        dict(fast_dpo, torch_compile=False)), None))
-        plan.append(("dpo", "c-graphs", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_graphs",
-                                                         dict(fast_dpo, cuda_graphs=True)), None))
-        plan.append(("dpo", "c-refeager", lambda: eager_reference(
-            lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_refeager", fast_dpo)), None))
-        padded = dict(fast_dpo, varlen_attention=False)
-        plan.append(("dpo", "c-padded", lambda: run_stage(cfg, "dpo", dpo_path, cfg.work / "dpo_padded", padded),
-                     None))
+        inline = dict(fast_dpo, precompute_ref_log_probs=False)
+        variants += [
+            ("dpo", "c-warmup", fast_dpo, None, None),
+            ("dpo", "c", fast_dpo, dict(fast_dpo, use_liger_kernel=False), None),
+            ("dpo", "c-eager", dict(fast_dpo, torch_compile=False), None, None),
+            ("dpo", "c-graphs", dict(fast_dpo, cuda_graphs=True), None, None),
+            ("dpo", "c-unshared", dict(fast_dpo, share_prompt=False), None, None),
+            ("dpo", "c-noworkers", dict(fast_dpo, dataloader_workers=0), None, None),
+            ("dpo", "c-inline", inline, None, None),
+            ("dpo", "c-refeager", inline, None, eager_reference),
+            ("dpo", "c-padded", dict(fast_dpo, varlen_attention=False), None, None),
+        ]
     if sft_on:
-        nf4 = dict(fast_sft, dequantized_base=False)
-        plan.append(("sft", "c-nf4", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_nf4", nf4), None))
-        peft_lora = dict(fast_sft, fused_lora=False)
-        plan.append(("sft", "c-peft", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_peft", peft_lora), None))
-        liger_all = dict(fast_sft, use_liger_kernel=True)
-        plan.append(("sft", "c-liger-all", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_liger_all", liger_all),
-                     None))
-        masked = dict(fast_sft, varlen_attention=False)
-        plan.append(("sft", "c-masked", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_masked", masked),
-                     None))
-        paged = dict(fast_sft, fused_optimizer=False)
-        plan.append(("sft", "c-paged", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_paged", paged), None))
-        steps = dict(fast_sft, tokens_per_step="auto" if not cfg.smoke else 4096)
-        plan.append(("sft", "c-steps", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_steps", steps), None))
         lowmem = dict(fast_sft, gradient_checkpointing=True, activation_offloading=True, torch_compile="auto")
-        plan.append(("sft", "c-lowmem", lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem", lowmem),
-                     lambda: run_stage(cfg, "sft", sft_path, cfg.work / "sft_lowmem2",
-                                       dict(lowmem, activation_offloading=False))))
+        variants += [
+            ("sft", "c-nf4", dict(fast_sft, dequantized_base=False), None, None),
+            ("sft", "c-peft", dict(fast_sft, fused_lora=False), None, None),
+            ("sft", "c-liger-all", dict(fast_sft, use_liger_kernel=True), None, None),
+            ("sft", "c-masked", dict(fast_sft, varlen_attention=False), None, None),
+            ("sft", "c-paged", dict(fast_sft, fused_optimizer=False), None, None),
+            ("sft", "c-steps", dict(fast_sft, tokens_per_step="auto" if not cfg.smoke else 4096), None, None),
+            ("sft", "c-lowmem", lowmem, dict(lowmem, activation_offloading=False), None),
+        ]
+    paths = {"sft": sft_path, "dpo": dpo_path}
+
+    def project_run(stage: str, name: str, training: dict, wrapper):
+        run = lambda: run_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_{name}", training)  # noqa: E731
+        return (lambda: wrapper(run)) if wrapper else run
+
+    for stage, name, training, fallback, wrapper in variants:
+        plan.append((stage, name, project_run(stage, name, training, wrapper),
+                     project_run(stage, name + "-fallback", fallback, wrapper) if fallback else None))
     if cfg.runs:
         wanted = set(cfg.runs.split(","))
         plan = [entry for entry in plan if entry[1] in wanted]
+    # --repeat: the project's runs again, in the same order (c, c-x, c, c-x, ...), as name#2, name#3: a host whose
+    # speed drifts over minutes shows as a spread between repeats rather than as a difference between runs.
+    repeated = [entry for entry in plan if entry[1].startswith("c") and entry[1] != "c-warmup"]
+    for k in range(2, cfg.repeat + 1):
+        plan += [(stage, f"{name}#{k}", fn, fallback) for stage, name, fn, fallback in repeated]
     for stage, name, fn, fallback in plan:
         if not left():
             results[stage]["runs"][name] = {"skipped": "over --budget-s"}
@@ -581,21 +612,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
         results[stage]["ratios"] = ratios
 
-    for stage, on, path, training in (("sft", sft_on, sft_path, fast_sft), ("dpo", dpo_on, dpo_path, fast_dpo)):
-        if not (cfg.profile and on):
+    profiled = set(cfg.profile_runs.split(",")) if cfg.profile else set()
+    for stage, name, training, _, wrapper in variants:
+        if name not in profiled or name == "c-warmup":
             continue
+        label = f"profile_{stage}" + ("" if name == "c" else f"_{name}")
         if left():
             reset_memory()
             try:
-                text = profile_stage(cfg, stage, path, cfg.work / f"{stage}_prof", training)
+                profile = lambda: profile_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_prof", training)  # noqa: E731
+                text = wrapper(profile) if wrapper else profile()
             except Exception as exc:
                 traceback.print_exc()
                 text = f"profile failed: {type(exc).__name__}: {exc}"
-            (cfg.out / f"profile_{stage}.txt").write_text(text)
-            results[f"profile_{stage}"] = str(cfg.out / f"profile_{stage}.txt")
+            (cfg.out / f"{label}.txt").write_text(text)
+            results[label] = str(cfg.out / f"{label}.txt")
             print(text[:6000], flush=True)
         else:
-            results[f"profile_{stage}"] = "skipped: over --budget-s"
+            results[label] = "skipped: over --budget-s"
 
     results["wall_s"] = round(time.time() - t_start, 1)
     (cfg.out / "train_bench.json").write_text(json.dumps(results, indent=2))

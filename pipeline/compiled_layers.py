@@ -59,13 +59,15 @@ def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.d
     return torch.addmm(F.linear(x, weight), dropped @ lora_a.to(dtype).t(), lora_b.to(dtype).t(), alpha=scaling)
 
 
-def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constants: LayerConstants) -> torch.Tensor:
+def layer_forward(h, cos, sin, cu, max_len, keys, mask, norms, weights, loras, constants: LayerConstants) -> torch.Tensor:
     """One Llama decoder layer over packed tokens: h (batch, tokens, hidden) -> the same shape.
 
     cos, sin: the rotary embedding (batch, tokens, head_dim); cu, max_len: the packed sequences' boundaries
-    over the flattened tokens and the longest; mask: None on CUDA, else the (tokens, tokens) block-diagonal
-    causal mask; norms: (input, post-attention) RMSNorm weights; weights: the 7 frozen base weights; loras:
-    A, B per projection (PROJECTIONS order), or () for the base projections alone.
+    over the flattened tokens and the longest; keys: None when each sequence attends to itself, else
+    (key_index, cu_k, max_len_k): the keys gathered from the tokens by key_index, in segments cu_k, causal to
+    each segment's end (DPO's shared prompts, pipeline.dpo_packing); mask: None on CUDA, else the (tokens, keys)
+    block-diagonal causal mask; norms: (input, post-attention) RMSNorm weights; weights: the 7 frozen base
+    weights; loras: A, B per projection (PROJECTIONS order), or () for the base projections alone.
     """
     s = constants
     batch_shape = h.shape
@@ -83,11 +85,15 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
     v = proj(2, normed).view(tokens, s.kv_heads, s.head_dim)
     cos, sin = cos.reshape(tokens, 1, s.head_dim), sin.reshape(tokens, 1, s.head_dim)
     q, k = llama_ops.rope(q, cos, sin), llama_ops.rope(k, cos, sin)
+    cu_k, max_len_k = cu, max_len
+    if keys is not None:
+        key_index, cu_k, max_len_k = keys
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     scale = s.head_dim ** -0.5
     if mask is None:
         from torch.nn.attention.varlen import varlen_attn
 
-        attn = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **dict(s.varlen))
+        attn = varlen_attn(q, k, v, cu, cu_k, max_len, max_len_k, scale=scale, **dict(s.varlen))
     else:  # (tokens, heads, dim) -> (1, heads, tokens, dim) and back
         attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                               v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
@@ -99,12 +105,18 @@ def layer_forward(h, cos, sin, cu, max_len, mask, norms, weights, loras, constan
     return x.view(batch_shape)
 
 
-def block_causal_mask(cu: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(tokens, tokens) bool: token i sees token j when both lie in one packed sequence and j <= i."""
-    lengths = (cu[1:] - cu[:-1]).long()
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=cu.device).tril()
-    return causal & (sequence[:, None] == sequence[None, :])
+def block_causal_mask(cu: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
+    """(queries, keys) bool: query i sees key j when both lie in one packed segment and j is at most as far
+    from its segment's end as i (causal, aligned to the segment's end: j <= i when queries and keys are the
+    same tokens)."""
+    def place(bounds):
+        lengths = (bounds[1:] - bounds[:-1]).long()
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=bounds.device), lengths)
+        from_end = bounds[1:].long()[segment] - torch.arange(int(bounds[-1]), device=bounds.device)
+        return segment, from_end
+
+    (segment_q, from_end_q), (segment_k, from_end_k) = place(cu), place(cu_k)
+    return (segment_q[:, None] == segment_k[None, :]) & (from_end_k[None, :] >= from_end_q[:, None])
 
 
 def unsupported(config) -> Optional[str]:
@@ -165,6 +177,8 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     cu, max_len, rotary = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"), kwargs.get("position_embeddings")
     if cu is None or max_len is None or rotary is None:
         return None
+    key_index = kwargs.get("packed_key_index")  # DPO's shared prompts (pipeline.dpo_packing)
+    keys = None if key_index is None else (key_index, kwargs["cu_seq_lens_k"], int(kwargs["max_length_k"]))
     attn, mlp = layer.self_attn, layer.mlp
     modules = [getattr(attn, n) for n in PROJECTIONS[:4]] + [getattr(mlp, n) for n in PROJECTIONS[4:]]
     weights, loras, scalings, rates, dtype = [], [], [], [], None
@@ -192,16 +206,18 @@ def _plan(layer, hidden: torch.Tensor, kwargs: dict) -> Optional[tuple]:
     on_cuda = hidden.is_cuda
     constants = LayerConstants(config.num_attention_heads, config.num_key_value_heads, attn.head_dim, float(config.rms_norm_eps),
                   tuple(scalings), tuple(rates), dtype, varlen_attention.causal_kwargs() if on_cuda else ())
-    mask = None if on_cuda else block_causal_mask(cu, hidden.shape[0] * hidden.shape[1])
+    mask = None if on_cuda else block_causal_mask(cu, cu if keys is None else keys[1])
     cos, sin = rotary
-    return hidden, cos, sin, cu, int(max_len), mask, norms, tuple(weights), tuple(loras), constants
+    return hidden, cos, sin, cu, int(max_len), keys, mask, norms, tuple(weights), tuple(loras), constants
 
 
 def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     plan = _plan(self, hidden_states, kwargs) if not args else None
     if plan is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    layer = _compiled(self._compiled_layer_backend, self._compiled_layer_graphs)
+    # CUDA graphs replay the training forward and backward; the reference pass (no gradients: DPO's inline or
+    # precomputed one, with its own widths) runs the compiled layers without graphs.
+    layer = _compiled(self._compiled_layer_backend, self._compiled_layer_graphs and torch.is_grad_enabled())
     if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled():
         # transformers checkpoints a layer by wrapping its class's forward, which this path does not call
         return self._gradient_checkpointing_func(layer, *plan)

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from pipeline import dpo_packing, fast, modeling, training
+from pipeline import dpo_packing, dpo_reference, fast, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
 from pipeline.events import EventLog, make_callback
@@ -19,6 +19,7 @@ from pipeline.specs import DPOSpec, QuantSpec
 
 POLICY_BASE = "sft_merged_base"  # under JOB_DIR/work: the SFT model DPO trains on
 READY = "READY"
+REFERENCE_BATCHES = 4  # the reference log-probs are precomputed in batches of this many micro-batches (no gradients)
 
 
 def sft_merged_base(spec: DPOSpec, job_dir: Path, dtype) -> tuple[str, dict]:
@@ -91,8 +92,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         max_length=spec.training.max_length,
         truncation_mode="keep_start",
         eval_strategy="no",
-        precompute_ref_log_probs=levers.precompute_ref_log_probs,
-        precompute_ref_batch_size=levers.batch_size * 4 if levers.precompute_ref_log_probs else None,
+        precompute_ref_log_probs=False,  # precomputed below (dpo_reference), once the levers are on the model
     )
     trainer = DPOTrainer(
         model=model,
@@ -112,14 +112,23 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     # else right-padded batches at least need no attention mask under causal attention.
     unmask = None
     if levers.padding_free and levers.varlen_attention:
-        trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator, levers.width_multiple)
+        trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator, levers.width_multiple,
+                                                                levers.share_prompt)
         padding = dpo_packing.packing(trainer.model)
     else:
         padding = contextlib.nullcontext()
         unmask = fast.drop_right_padding_mask(trainer.model) if levers.padding_free else None
     try:
-        with padding:  # the training loop only: generation (eval samples) pads and caches, and keeps its masks
-            training.run_trainer(trainer, job_dir, log, training.start_fields("dpo", effective, len(train_rows), levers))
+        # Training and the eval loss (their batches are the collator's): generation (eval samples) pads and
+        # caches, and keeps its masks.
+        with padding:
+            fields = training.start_fields("dpo", effective, len(train_rows), levers)
+            if levers.precompute_ref_log_probs:  # its rows and seconds: part of the run's cost
+                fields["reference_logps"] = effective["reference_logps"] = dpo_reference.precompute(
+                    trainer, levers.batch_size * REFERENCE_BATCHES)
+            training.run_trainer(trainer, job_dir, log, fields)
+            if eval_rows:
+                trainer.evaluate()
     finally:
         if unmask is not None:
             unmask.remove()
@@ -127,7 +136,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=original_base, data=inputs.data, lengths=inputs.lengths,
         stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
-        effective=effective, has_eval=bool(eval_rows),
+        effective=effective, has_eval=False,  # evaluated above
         stack_policy_quant=spec.quant if spec.sft_adapter else None,  # serving redoes the NF4 round trip
     )
     shutil.rmtree(job_dir / "work", ignore_errors=True)  # the merged SFT base is large and rebuilt on demand

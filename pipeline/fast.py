@@ -16,7 +16,12 @@
   sequence boundaries (pipeline.varlen_attention). SFT: instead of max_length rows under a block-diagonal mask;
   DPO: instead of TRL's padded rows (pipeline.dpo_packing).
 - `activation_offloading`: TRL's offloading of saved activations to pinned CPU memory (CUDA only).
-- `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training.
+- `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training, on the prepared model
+  (pipeline.dpo_reference).
+- `dataloader_workers`: worker processes collate the next batches while the GPU trains (data preparation off the
+  critical path); 'auto': AUTO_DATALOADER_WORKERS for DPO on CUDA, else none.
+- `share_prompt` (DPO, with varlen_attention): the prompt a pair's chosen and rejected rows share runs through the
+  decoder once, and both answers attend to it (pipeline.dpo_packing).
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
   bitsandbytes AdamW on CUDA.
 - `torch_compile`: each decoder layer's training forward as one compiled function (pipeline.compiled_layers); 'auto':
@@ -57,6 +62,10 @@ GRAPH_WIDTH_MULTIPLE = 1024
 # record (inductor's bookkeeping of a 44-graph path) and replays then saved ~6.4 us a token (39.2k -> 52.4k tok/s,
 # bench round 12), so ~8 widths pay back after ~4.3M tokens.
 GRAPHS_MIN_TOKENS = 8_000_000
+# Collating a DPO step's batch (TRL's preference collator, the packing) takes ~15 ms of Python on a 2.5 GHz core: two
+# workers keep the next batches ready while the GPU trains (H200: median step 120 ms against 138 ms, BENCHMARKS.md
+# round 13). SFT's collation is lighter, and its step measured no faster with workers: 'auto' leaves them to DPO.
+AUTO_DATALOADER_WORKERS = 2
 DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes when the 16-bit copies take under this share of free memory
 
 
@@ -75,6 +84,8 @@ class Levers:
     liger_all: bool = True  # with use_liger_kernel: SwiGLU and RMSNorm too, not RoPE alone
     activation_offloading: bool = False
     precompute_ref_log_probs: bool = False
+    share_prompt: bool = False
+    dataloader_workers: int = 0
     torch_compile: bool = False
     cuda_graphs: bool = False
     dequantized_base: bool = False
@@ -117,6 +128,8 @@ class Levers:
             "liger_kernels": self.liger_kernels(),
             "activation_offloading": self.activation_offloading,
             "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            "share_prompt": self.share_prompt,
+            "dataloader_workers": self.dataloader_workers,
             "torch_compile": self.torch_compile,
             "cuda_graphs": self.cuda_graphs,
             "packed_width_multiple": self.width_multiple,
@@ -232,6 +245,11 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
                 fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
                 accumulation=t.gradient_accumulation_steps,
                 max_steps=t.max_steps, save_steps=t.save_steps)
+
+    if t.dataloader_workers == "auto":
+        lv.dataloader_workers = AUTO_DATALOADER_WORKERS if torch.cuda.is_available() and stage == "dpo" else 0
+    else:
+        lv.dataloader_workers = t.dataloader_workers
 
     # DPO runs chosen and rejected in one forward: twice the rows.
     per_sequence = t.max_length * (2 if stage == "dpo" else 1)
@@ -358,14 +376,18 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         lv.notes.append("activation_offloading skipped: no CUDA device")
 
     if stage == "dpo":
+        lv.share_prompt = bool(t.share_prompt and lv.varlen_attention)
+        if t.share_prompt and not lv.varlen_attention:
+            lv.notes.append("share_prompt skipped: it runs on packed pairs (padding_free with varlen_attention)")
         if t.precompute_ref_log_probs == "auto":
-            # Precomputing pays when every row is used at least once; a short run over a large set would pay a
-            # reference pass for rows it never trains on.
+            # The precomputed pass runs the reference once per row, in batches 4x the step's and without the
+            # adapter switches: it pays when the run trains every row at least once (else it would pay for rows
+            # never trained on). Measured on an H200: BENCHMARKS.md, round 13.
             if t.max_steps > 0:
                 used = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps
             else:
                 used = t.num_train_epochs * rows
-            lv.precompute_ref_log_probs = used >= 2 * rows
+            lv.precompute_ref_log_probs = used >= rows
         else:
             lv.precompute_ref_log_probs = bool(t.precompute_ref_log_probs)
     return lv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -81,8 +82,18 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, levers
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        **dataloader_kwargs(0 if levers is None else levers.dataloader_workers),
     )
+
+
+def dataloader_kwargs(workers: int) -> dict[str, Any]:
+    """TrainingArguments fields of the lever dataloader_workers: workers kept for the whole run (not forked again each
+    epoch), each with two batches ready."""
+    if not workers:
+        return dict(dataloader_num_workers=0)
+    # The workers are forked after the tokenizer ran: its own threads stay off in them (and no warning says so).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return dict(dataloader_num_workers=workers, dataloader_persistent_workers=True, dataloader_prefetch_factor=2)
 
 
 def total_steps(rows: int, t: TrainingSpec, levers=None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 from typing import Iterator, Optional
 
 import torch
@@ -48,20 +49,26 @@ def causal_kwargs() -> tuple[tuple[str, object], ...]:
     return tuple(extra.items())
 
 
-def _cuda_varlen(q, k, v, cu: torch.Tensor, max_len: int, scaling: Optional[float]) -> torch.Tensor:
+def _cuda_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: Optional[float]) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **dict(causal_kwargs()))
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling, **dict(causal_kwargs()))
 
 
-def _per_sequence(q, k, v, cu: torch.Tensor, scaling: Optional[float], dropout: float) -> torch.Tensor:
-    bounds = cu.tolist()
+def end_aligned_causal(queries: int, keys: int, device=None) -> torch.Tensor:
+    """(queries, keys) bool: query i sees key j when j <= i + keys - queries (causal, the last query sees every
+    key): flash attention's causal mask, and sdpa's is_causal when keys == queries."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
+
+
+def _per_sequence(q, k, v, cu_q, cu_k, scaling: Optional[float], dropout: float) -> torch.Tensor:
     parts = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:  # (tokens, heads, dim) -> (1, heads, tokens, dim)
-            seg = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-            out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling, dropout_p=dropout,
-                                                 enable_gqa=True)
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist())):
+        if q1 > q0:  # (tokens, heads, dim) -> (1, heads, tokens, dim)
+            seg = [t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+            mask = None if q1 - q0 == k1 - k0 else end_aligned_causal(q1 - q0, k1 - k0, q.device)
+            out = F.scaled_dot_product_attention(*seg, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                                 dropout_p=dropout, enable_gqa=True)
             parts.append(out[0].transpose(0, 1))
     return torch.cat(parts, dim=0)
 
@@ -78,10 +85,16 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
-    if q.is_cuda and dropout == 0.0:
-        out = _cuda_varlen(q, k, v, cu, int(max_len), scaling)
+    # Key segments other than the query segments (DPO's shared prompts, pipeline.dpo_packing): gathered keys
+    cu_k, max_k, key_index = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k"), kwargs.get("packed_key_index")
+    if key_index is not None:
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     else:
-        out = _per_sequence(q, k, v, cu, scaling, dropout)
+        cu_k, max_k = cu, max_len
+    if q.is_cuda and dropout == 0.0:
+        out = _cuda_varlen(q, k, v, cu, cu_k, int(max_len), int(max_k), scaling)
+    else:
+        out = _per_sequence(q, k, v, cu, cu_k, scaling, dropout)
     return out.view(batch, length, heads, dim), None
 
 

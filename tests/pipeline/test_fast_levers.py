@@ -6,6 +6,7 @@ batch layout). The end-to-end checks run each stage in-process for two optimizer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -119,12 +120,15 @@ def test_activation_estimate_for_tinyllama_shape():
     assert 40 < gib < 60  # stock HF + Liger without checkpointing measured 44 GiB at 8 x 2048
 
 
-def test_precompute_auto_only_when_rows_are_reused(tiny_demo):
+def test_precompute_auto_only_when_every_row_is_trained(tiny_demo):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_demo)
     short = TrainingSpec(max_steps=10, per_device_train_batch_size=2, gradient_accumulation_steps=1)
     assert not fast.resolve(short, "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
+    every_row = TrainingSpec(max_steps=50, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    assert fast.resolve(every_row, "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
+    assert fast.resolve(TrainingSpec(num_train_epochs=1), "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
     epochs = TrainingSpec(num_train_epochs=3)
     assert fast.resolve(epochs, "dpo", config, torch.float32, rows=100).precompute_ref_log_probs
     assert not fast.resolve(TrainingSpec(precompute_ref_log_probs=False, num_train_epochs=3), "dpo", config,
@@ -336,6 +340,58 @@ def _sft_spec(levers: dict) -> SFTSpec:
     )
 
 
+def _dpo_spec(levers: dict) -> DPOSpec:
+    from pipeline.samples import DPO_SAMPLE
+
+    return DPOSpec(
+        base_model="tiny-demo", dataset={"source": str(DPO_SAMPLE), "max_samples": 16},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0}, quant={"quantization": "none", "compute_dtype": "fp32"},
+        training=dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, max_length=128,
+                      learning_rate=5e-3, warmup_ratio=0.0, save_steps=100, **levers),
+        eval_prompts={"prompts": [], "max_new_tokens": 1},
+    )
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_dataloader_workers_learn_the_same(tmp_path, tiny_demo, stage):
+    """dataloader_workers: batches collated in worker processes train exactly what the training process collates."""
+    from pipeline.dpo import run_dpo
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    run, spec = (run_sft, _sft_spec) if stage == "sft" else (run_dpo, _dpo_spec)
+    _, inline = _run(run, spec(dict(ON, dataloader_workers=0)), tmp_path / "inline")
+    _, workers = _run(run, spec(dict(ON, dataloader_workers=2)), tmp_path / "workers")
+    start = next(e for e in read_events(tmp_path / "workers" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["dataloader_workers"] == 2
+    assert [(s["loss"], s["grad_norm"]) for s in workers] == [(s["loss"], s["grad_norm"]) for s in inline]
+    from transformers import AutoConfig
+
+    assert TrainingSpec().dataloader_workers == "auto" and fast.resolve(
+        TrainingSpec(), stage, AutoConfig.from_pretrained(tiny_demo), torch.float32, rows=10).dataloader_workers == 0
+    with pytest.raises(ValueError, match="dataloader_workers"):
+        TrainingSpec(dataloader_workers=17)
+
+
+def test_dataloader_workers_and_shared_prompts_resolve(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    spec = TrainingSpec(max_length=1024)
+    dpo = fast.resolve(spec, "dpo", config, torch.bfloat16, rows=1_000, mean_tokens=300)
+    sft = fast.resolve(spec, "sft", config, torch.bfloat16, rows=1_000, mean_tokens=300)
+    assert dpo.dataloader_workers == fast.AUTO_DATALOADER_WORKERS and sft.dataloader_workers == 0
+    assert fast.resolve(spec.model_copy(update={"dataloader_workers": 3}), "sft", config, torch.bfloat16,
+                        rows=1_000).dataloader_workers == 3
+    assert dpo.share_prompt and dpo.effective()["share_prompt"] and not sft.share_prompt
+    padded = fast.resolve(spec.model_copy(update={"varlen_attention": False}), "dpo", config, torch.bfloat16, rows=1_000)
+    assert not padded.share_prompt and any(n.startswith("share_prompt skipped") for n in padded.notes)
+    off = fast.resolve(spec.model_copy(update={"share_prompt": False}), "dpo", config, torch.bfloat16, rows=1_000)
+    assert not off.share_prompt and not any("share_prompt" in n for n in off.notes)
+
+
 def test_sft_levers_learn_the_same(tmp_path):
     from pipeline.events import read_events
     from pipeline.sft import run_sft
@@ -358,17 +414,8 @@ def test_dpo_levers_learn_the_same(tmp_path, monkeypatch):
     from pipeline import compiled_layers
     from pipeline.dpo import run_dpo
     from pipeline.events import read_events
-    from pipeline.samples import DPO_SAMPLE
 
-    def spec(levers: dict) -> DPOSpec:
-        return DPOSpec(
-            base_model="tiny-demo", dataset={"source": str(DPO_SAMPLE), "max_samples": 16},
-            lora={"r": 8, "alpha": 16, "dropout": 0.0}, quant={"quantization": "none", "compute_dtype": "fp32"},
-            training=dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, max_length=128,
-                          learning_rate=5e-3, warmup_ratio=0.0, save_steps=100, **levers),
-            eval_prompts={"prompts": [], "max_new_tokens": 1},
-        )
-
+    spec = _dpo_spec
     _, off = _run(run_dpo, spec(OFF), tmp_path / "off")
     _, on = _run(run_dpo, spec(ON), tmp_path / "on")
     pre = dict(ON, precompute_ref_log_probs=True)
@@ -382,15 +429,26 @@ def test_dpo_levers_learn_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(compiled_layers, "install", functools.partial(compiled_layers.install, backend="aot_eager"))
     _, compiled = _run(run_dpo, spec(dict(ON, torch_compile=True)), tmp_path / "compiled")
     assert calls.count(True) == calls.count(False) == 2 * 2  # steps x layers (one fused micro-batch), each pass
+    # Precomputed through the compiled reference pass: no reference forward in the steps, one per batch before.
+    calls.clear()
+    _, compiled_pre = _run(run_dpo, spec(dict(pre, torch_compile=True)), tmp_path / "compiled_pre")
+    start = next(e for e in read_events(tmp_path / "compiled_pre" / "events.jsonl") if e["event"] == "start")
+    batches = -(-start["rows"] // (4 * start["levers"]["micro_batch_size"]))
+    assert start["reference_logps"]["rows"] >= start["rows"] and start["reference_logps"]["seconds"] > 0
+    assert calls.count(True) == 2 * 2 and calls.count(False) >= batches * 2
+    assert calls[: calls.count(False)] == [False] * calls.count(False)  # all before the first step
     start = next(e for e in read_events(tmp_path / "on" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["varlen_attention"] and start["levers"]["fused_lora"]  # packed pairs, fused LoRA
-    for a, b, c, d in zip(off, on, precomputed, compiled):
+    assert "reference_logps" not in start
+    for a, b, c, d, e in zip(off, on, precomputed, compiled, compiled_pre):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
         assert math.isclose(a["loss"], c["loss"], rel_tol=1e-4), (a, c)
         assert math.isclose(a["loss"], d["loss"], rel_tol=1e-4), (a, d)
+        assert math.isclose(a["loss"], e["loss"], rel_tol=1e-4), (a, e)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
         assert math.isclose(a["grad_norm"], d["grad_norm"], rel_tol=1e-3), (a, d)
-    assert len(on) == len(off) == len(compiled) == 2
+        assert math.isclose(a["grad_norm"], e["grad_norm"], rel_tol=1e-3), (a, e)
+    assert len(on) == len(off) == len(compiled) == len(compiled_pre) == 2
 
 
 def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
@@ -583,6 +641,47 @@ def test_packed_preference_batches_give_the_padded_hidden_states(demo_model):
     with pytest.raises(ValueError, match="right-padded"):
         collate.inner = lambda _examples: left
         collate(examples)
+
+
+def test_shared_prompts_give_the_padded_hidden_states_and_gradients(demo_model):
+    """share_prompt: a pair's common prefix runs once and both answers attend to it (keys gathered, causal to the
+    key segment's end); real tokens' hidden states and the gradients equal the padded batch's, with and without
+    cuda_graphs' padded widths."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipeline import dpo_packing
+
+    # pair 1's answers begin alike (the shared prefix runs past the prompt); pair 2's rejected answer is one token
+    examples = [{"prompt_ids": list(range(10, 10 + p)), "chosen_ids": [300, 301] + list(range(200, 200 + c)),
+                 "rejected_ids": [300, 301] + list(range(400, 400 + r))} for p, c, r in [(7, 3, 12), (15, 4, 4)]]
+    examples.append({"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12]})
+    batch = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0), share_prompt=True)(examples)
+    mask = batch["attention_mask"]
+    shared = [7 + 2, 15 + 2, 3]
+    assert batch["packed_index"].numel() == int(mask.sum()) - sum(shared)  # each prefix packed once
+    assert batch["cu_seq_lens_k"].tolist()[-1] == batch["packed_key_index"].numel() == int(mask.sum()) + sum(shared)
+    assert dpo_packing.shared_prefix(torch.tensor([1, 2]), torch.tensor([1, 2, 3])) == 1  # one token left each
+
+    def outputs_and_grad(batch_kwargs, pack: bool):
+        demo_model.zero_grad()
+        with dpo_packing.packing(demo_model) if pack else contextlib.nullcontext():
+            hidden = demo_model.model(**batch_kwargs).last_hidden_state
+        (hidden[mask.bool()].float() ** 2).mean().backward()
+        return hidden.detach(), demo_model.model.layers[0].self_attn.k_proj.weight.grad.clone()
+
+    padded, padded_grad = outputs_and_grad(dict(input_ids=batch["input_ids"], attention_mask=mask), pack=False)
+    real = mask.bool()
+    for width_multiple in (0, 32):
+        shared_batch = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0), width_multiple,
+                                                       share_prompt=True)(examples)
+        packed, packed_grad = outputs_and_grad({k: v for k, v in shared_batch.items() if k != "completion_mask"},
+                                               pack=True)
+        assert torch.allclose(packed[real], padded[real], rtol=1e-4, atol=1e-5), width_multiple
+        assert not packed[~real].any()
+        assert torch.allclose(packed_grad, padded_grad, rtol=1e-3, atol=1e-6), width_multiple
+        if width_multiple:
+            assert shared_batch["max_length_q"] % 32 == 0 and shared_batch["max_length_k"] % 32 == 0
+            assert shared_batch["packed_padding"] >= 1
 
 
 def test_quick_adapter_switch_is_peft_switch(tiny_demo):
