@@ -127,8 +127,6 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
                 fields["reference_logps"] = effective["reference_logps"] = dpo_reference.precompute(
                     trainer, levers.batch_size * REFERENCE_BATCHES)
             training.run_trainer(trainer, job_dir, log, fields)
-            if eval_rows:
-                trainer.evaluate()
     finally:
         if unmask is not None:
             unmask.remove()
@@ -136,7 +134,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=original_base, data=inputs.data, lengths=inputs.lengths,
         stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
-        effective=effective, has_eval=False,  # evaluated above
+        effective=effective,
         stack_policy_quant=spec.quant if spec.sft_adapter else None,  # serving redoes the NF4 round trip
     )
     shutil.rmtree(job_dir / "work", ignore_errors=True)  # the merged SFT base is large and rebuilt on demand

@@ -80,9 +80,10 @@ class PackedPairsCollator:
             prefix = torch.arange(at, at + shared)
             chosen_part = torch.arange(at + shared, at + chosen)
             rejected_part = torch.arange(at + chosen, at + chosen + rejected - shared)
-            index += [torch.arange(chosen) + i * width, torch.arange(shared, rejected) + (i + pairs) * width]
+            chosen_row = torch.arange(chosen) + i * width  # the chosen row is packed whole: read and written back
+            index += [chosen_row, torch.arange(shared, rejected) + (i + pairs) * width]
             positions += [torch.arange(chosen), torch.arange(shared, rejected)]
-            targets += [torch.arange(chosen) + i * width, torch.arange(rejected) + (i + pairs) * width]
+            targets += [chosen_row, torch.arange(rejected) + (i + pairs) * width]
             sources += [prefix, chosen_part, prefix, rejected_part]
             if shared:
                 q_segments += [shared, chosen - shared, rejected - shared]

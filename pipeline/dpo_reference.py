@@ -28,7 +28,8 @@ def reference_logps(trainer, dataset, batch_size: int) -> tuple[list[float], lis
         c, r = trainer.compute_ref_log_probs(trainer.model, batch)
         chosen.append(c.float())
         rejected.append(r.float())
-    # one copy to the host at the end: the GPU works through the batches while the next ones are collated
+    # one copy to the host at the end (it waits for the GPU, so the seconds below are the pass's): the GPU works
+    # through the batches while the next ones are collated
     return torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
 
 
@@ -50,6 +51,4 @@ def precompute(trainer, batch_size: int) -> dict:
         setattr(trainer, name, dataset)
         rows += len(dataset)
     trainer.precompute_ref_logps = True  # what TRL's step checks: read the columns, skip the reference forward
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
     return {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)}

@@ -56,11 +56,11 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     training.prepare_model(trainer, dtype, levers)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
-    with attention:  # the training loop only: generation afterwards keeps sdpa and its masks
+    with attention:  # training and the eval loss only: generation afterwards keeps sdpa and its masks
         training.run_trainer(trainer, job_dir, log, training.start_fields("sft", effective, len(train_rows), levers))
     return training.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=inputs.base, data=inputs.data, lengths=inputs.lengths,
         stack_base=spec.base_model, stack_quant=spec.quant, stack_parents=[],
-        effective=effective, has_eval=bool(eval_rows),
+        effective=effective,
     )

@@ -173,13 +173,16 @@ def graph_steps_callback():
 
 
 def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> None:
-    """Train, resuming from the newest intact checkpoint in JOB_DIR/checkpoints if there is one."""
+    """Train, resuming from the newest intact checkpoint in JOB_DIR/checkpoints if there is one; then the eval loss
+    when the trainer has held-out rows (its batches are the training collator's: call it where training runs)."""
     resume = latest_complete(job_dir / "checkpoints")
     resume_step = None
     if resume is not None:
         resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
     log.emit("start", resume_step=resume_step, **start_fields)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
 
 
 def save_adapter(
@@ -221,11 +224,9 @@ def write_eval_samples(model, tokenizer, prompts: list[str], max_new_tokens: int
 def finish(
     trainer, tokenizer, spec, job_dir: Path, log: EventLog, summary: dict, *,
     resolved_base: str, data: LoadedData, lengths: dict, stack_base: str, stack_quant, stack_parents: list[str],
-    effective: dict[str, Any], has_eval: bool, stack_policy_quant=None,
+    effective: dict[str, Any], stack_policy_quant=None,
 ) -> dict:
-    """After training: eval loss, adapter, eval samples, lineage; returns the end summary."""
-    if has_eval:
-        trainer.evaluate()
+    """After training (and the eval loss): adapter, eval samples, lineage; returns the end summary."""
     save_adapter(trainer, tokenizer, job_dir, stack_base, stack_quant, stack_parents, log, stack_policy_quant)
     write_eval_samples(
         trainer.model, tokenizer, spec.eval_prompts.prompts, spec.eval_prompts.max_new_tokens, job_dir, log

@@ -373,6 +373,28 @@ def test_dataloader_workers_learn_the_same(tmp_path, tiny_demo, stage):
         TrainingSpec(dataloader_workers=17)
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_eval_loss_runs_on_the_packed_batches(tmp_path, stage):
+    """eval_fraction: the held-out loss is computed where training runs, on the collator's packed batches (DPO: the
+    packing hooks, shared prompts and precomputed reference log-probs of the held-out pairs), and is finite."""
+    from pipeline.dpo import run_dpo
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    run, spec = (run_sft, _sft_spec) if stage == "sft" else (run_dpo, _dpo_spec)
+    levers = dict(ON, eval_fraction=0.25, **({"precompute_ref_log_probs": True} if stage == "dpo" else {}))
+    _run(run, spec(levers), tmp_path / "job")
+    events = read_events(tmp_path / "job" / "events.jsonl")
+    start = next(e for e in events if e["event"] == "start")
+    assert start["levers"]["varlen_attention"] and start["rows"] == 12
+    evals = [e for e in events if e["event"] == "eval" and "eval_loss" in e]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
+    if stage == "dpo":
+        assert start["levers"]["share_prompt"] and start["reference_logps"]["rows"] == 16  # train and held-out
+    kinds = [e["event"] for e in events]
+    assert kinds.index("eval") < kinds.index("artifact")  # before the adapter is saved, as before
+
+
 def test_dataloader_workers_and_shared_prompts_resolve(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
