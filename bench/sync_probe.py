@@ -1,6 +1,6 @@
 """Where the project's training step waits for the GPU: every host sync of a few steps, counted by call site.
 
-    python -m bench.sync_probe [--steps 3] [--stage sft|dpo]   # CUDA; the bench's TinyLlama-shaped model and data
+    python -m bench.sync_probe [--steps 3] [--stage sft|dpo] [--graphs]   # CUDA; the bench's model and data
 
 A CPU-bound step only overlaps with the GPU between syncs, so each sync (a .item(), a tensor read back to
 the host, a data-dependent shape) costs up to the GPU work queued before it. After two warm-up steps this
@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="steps probed after two warm-up steps")
     ap.add_argument("--stage", choices=["sft", "dpo"], default="sft")
+    ap.add_argument("--graphs", action="store_true", help="the stage with cuda_graphs (a recording's syncs show as "
+                    "cudagraph_trees frames)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sync_probe"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     else:
         data = write_jsonl(dpo_rows(400, seed=2, lo=30, hi=300), args.work / "dpo.jsonl")
     training = train_bench.stage_training(args.stage, 2048 if args.stage == "sft" else 1024)
+    if args.graphs:
+        training["cuda_graphs"] = True
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):

@@ -1,7 +1,7 @@
 """SFT and DPO throughput side by side, in one process on one CUDA card (issue 4).
 
     python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--runs c,c-x] [--repeat 2]
-                                [--profile [--profile-runs c,c-x]]
+                                [--profile [--profile-runs c,c-x] [--profile-after N]]
     python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
 
 Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
@@ -22,6 +22,10 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c-graphs  c with cuda_graphs=true: the compiled layers replayed as CUDA graphs, packed widths padded to a multiple
      of --width-multiple (its 'auto' leaves runs this short without: each width's recording costs seconds, so a
      short run shows mostly recordings; tokens_per_s_late, the run's second half, shows the replay rate).
+  c-graphs-syncs (SFT)  c-graphs with sync_free_step=false: TRL's loss and metrics, read on the host every step
+     (before round 14).
+  c-graphs-workers (SFT)  c-graphs with dataloader_workers=2 (round 14's measurement; 'auto' now gives c-graphs them).
+  c-syncfree (SFT)  c with sync_free_step=true, without graphs.
   c-noworkers  c with dataloader_workers=0: batches collated in the training process, between steps (before
      round 13).
   c-unshared (DPO)  c with share_prompt=false: each pair's prompt computed twice, in its chosen and its rejected
@@ -43,10 +47,11 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
      (which keeps the paged optimizer; torch_compile 'auto', so eager layers under checkpointing).
 Each run is time-bounded: it stops after --seconds of training and at least 6 steps (within 4 x --seconds;
 the schedule is the nominal run's, so the learning rate is what the full run would use at those steps).
-Reported: real (non-pad) tokens/s over the steps after the first two (a DPO run that precomputed its reference
-log-probs is charged their seconds per pair for the pairs those steps train; tokens_per_s_steps leaves them out),
-peak GPU memory (torch allocator;
-paged optimizer states live in managed memory and are not counted), loss around the same token count for
+Reported: real (non-pad) tokens/s over the steps after the first two, over their second half (late), and over
+those of them that took at most 3x the median step (replay: a run with CUDA graphs without its recording steps);
+a DPO run that precomputed its reference log-probs is charged their seconds per pair for the pairs those steps
+train (tokens_per_s_steps leaves them out). Also peak GPU memory (torch allocator; paged optimizer states live
+in managed memory and are not counted), loss around the same token count for
 all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes
 OUT_DIR/train_bench.json and prints a table.
 """
@@ -58,6 +63,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -123,6 +129,7 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
 
             if len(pts) > WARMUP_STEPS + 1:
                 out["tokens_per_s"] = rate(WARMUP_STEPS - 1)
+                out["tokens_per_s_replay"] = replay_rate(pts[WARMUP_STEPS - 1:], charge_per_step)
                 # The second half alone: past what a run's first steps of each shape pay (CUDA graph recordings).
                 mid = max(WARMUP_STEPS - 1, len(pts) // 2)
                 if pts[-1]["t"] > pts[mid]["t"]:
@@ -135,6 +142,18 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
             return out
 
     return Meter()
+
+
+def replay_rate(points: list[dict], charge_per_step: float = 0.0) -> Optional[float]:
+    """Real tokens/s over the steps that took at most 3x the median step: what a long run converges to once each
+    packed width's CUDA graphs are recorded (a recording step takes 25-50x a replayed one; a run without graphs
+    has no such steps, and this is then about its whole rate)."""
+    steps = [(b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(points, points[1:])]
+    if not steps:
+        return None
+    limit = 3 * statistics.median(seconds for seconds, _ in steps)
+    kept = [(seconds + charge_per_step, tokens) for seconds, tokens in steps if seconds <= limit]
+    return round(sum(tokens for _, tokens in kept) / sum(seconds for seconds, _ in kept), 1)
 
 
 class Both:
@@ -355,7 +374,8 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
 
 
 def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
-    """Where a step of the project's SFT or DPO stage goes, in three phases of `steps` steps after warm-up:
+    """Where a step of the project's SFT or DPO stage goes, in three phases of `steps` steps after
+    cfg.profile_after steps (past the CUDA graphs' recordings, for a run with them):
     plain (wall time per step), torch.profiler (top ops by device time and by self CPU time), and cProfile
     (the Python functions: a CPU-bound step shows here where its launch time is spent)."""
     import cProfile
@@ -391,7 +411,7 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
 
     class Prof(TrainerCallback):
         def on_step_begin(self, args, st, control, **kwargs):
-            if st.global_step == WARMUP_STEPS and state["phase"] is None:
+            if st.global_step == cfg.profile_after and state["phase"] is None:
                 begin("plain")
 
         def on_step_end(self, args, st, control, **kwargs):
@@ -435,14 +455,15 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
 
 
 def table(results: dict, card: str) -> str:
-    lines = [f"card: {card}", f"{'run':14} {'tok/s':>9} {'late':>7} {'peak GiB':>8} {'steps':>5} {'tokens':>9} "
+    lines = [f"card: {card}", f"{'run':14} {'tok/s':>9} {'late':>7} {'replay':>7} {'peak GiB':>8} {'steps':>5} {'tokens':>9} "
              f"{'loss@T':>8} {'wall s':>6}  note"]
     for stage in ("sft", "dpo"):
         runs = results.get(stage, {})
         for name, r in runs.get("runs", {}).items():
             note = r.get("error", "") or ("fallback: " + r.get("first_error", "") if r.get("fallback") else "")
             lines.append(f"{stage + ' ' + name:14} {r.get('tokens_per_s', 0) or 0:9.0f} "
-                         f"{r.get('tokens_per_s_late', 0) or 0:7.0f} {r.get('peak_gib') or 0:8.2f} "
+                         f"{r.get('tokens_per_s_late', 0) or 0:7.0f} {r.get('tokens_per_s_replay', 0) or 0:7.0f} "
+                         f"{r.get('peak_gib') or 0:8.2f} "
                          f"{r.get('steps', 0):5d} {r.get('tokens', 0):9d} {r.get('loss_at_T') or float('nan'):8.4f} "
                          f"{r.get('wall_s', 0):6.1f}  {note}")
         if runs.get("ratios"):
@@ -461,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile a few steps of the project's stage (each stage --only leaves on)")
     ap.add_argument("--profile-runs", default="c", help="with --profile: the project runs to profile (e.g. c,c-unshared)")
+    ap.add_argument("--profile-after", type=int, default=WARMUP_STEPS,
+                    help="with --profile: steps before the profiled ones (e.g. 60 for c-graphs, past its recordings)")
     ap.add_argument("--repeat", type=int, default=1, help="run the project's runs (not c-warmup) this many times")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     ap.add_argument("--width-multiple", type=int, default=None,
@@ -546,6 +569,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("sft", "c", fast_sft, dict(fast_sft, use_liger_kernel=False), None),
             ("sft", "c-eager", dict(fast_sft, torch_compile=False), None, None),
             ("sft", "c-graphs", dict(fast_sft, cuda_graphs=True), None, None),
+            ("sft", "c-graphs-syncs", dict(fast_sft, cuda_graphs=True, sync_free_step=False), None, None),
+            ("sft", "c-graphs-workers", dict(fast_sft, cuda_graphs=True, dataloader_workers=2), None, None),
+            ("sft", "c-syncfree", dict(fast_sft, sync_free_step=True), None, None),
             ("sft", "c-noworkers", dict(fast_sft, dataloader_workers=0), None, None),
         ]
     if dpo_on:

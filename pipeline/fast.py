@@ -19,7 +19,7 @@
 - `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training, on the prepared model
   (pipeline.dpo_reference).
 - `dataloader_workers`: worker processes collate the next batches while the GPU trains (data preparation off the
-  critical path); 'auto': AUTO_DATALOADER_WORKERS for DPO on CUDA, else none.
+  critical path); 'auto': AUTO_DATALOADER_WORKERS for DPO on CUDA and for SFT with cuda_graphs, else none.
 - `share_prompt` (DPO, with varlen_attention): the prompt a pair's chosen and rejected rows share runs through the
   decoder once, and both answers attend to it (pipeline.dpo_packing).
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
@@ -30,6 +30,8 @@
   one recording per packed width; the packed widths are padded up to a multiple of GRAPH_WIDTH_MULTIPLE (the
   padding a segment of its own, labelled -100) so a run sees a few widths, each recorded once. 'auto': SFT runs
   long enough to repay the recordings.
+- `sync_free_step` (SFT, packed): a step without host reads of the GPU before its log (pipeline.sft_loss); 'auto':
+  with cuda_graphs, where the GPU sets the pace and every read leaves it idle.
 - `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
   and used by plain F.linear: the same model, fewer launches per step, ~2 bytes a base weight of memory.
 - `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real
@@ -43,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from pipeline import sft_loss
 
 # Saved activations per token per decoder layer without checkpointing, in units of the compute dtype's
 # size: ~16 x hidden + 8 x intermediate (LoRA dropout copies included). TinyLlama at b8 x 2048 in bf16:
@@ -64,7 +68,8 @@ GRAPH_WIDTH_MULTIPLE = 1024
 GRAPHS_MIN_TOKENS = 8_000_000
 # Collating a DPO step's batch (TRL's preference collator, the packing) takes ~15 ms of Python on a 2.5 GHz core: two
 # workers keep the next batches ready while the GPU trains (H200: median step 120 ms against 138 ms, BENCHMARKS.md
-# round 13). SFT's collation is lighter, and its step measured no faster with workers: 'auto' leaves them to DPO.
+# round 13). SFT's collation is lighter: its host-bound step measured no faster with workers, its step replayed as CUDA
+# graphs did (93-94 ms against 97 ms, round 14), so 'auto' gives them to DPO and to SFT with cuda_graphs.
 AUTO_DATALOADER_WORKERS = 2
 DEQUANTIZED_BASE_SHARE = 0.25  # 'auto' dequantizes when the 16-bit copies take under this share of free memory
 
@@ -88,6 +93,7 @@ class Levers:
     dataloader_workers: int = 0
     torch_compile: bool = False
     cuda_graphs: bool = False
+    sync_free_step: bool = False
     dequantized_base: bool = False
     fused_lora: bool = False
     varlen_attention: bool = False
@@ -109,6 +115,11 @@ class Levers:
     def config_kwargs(self) -> dict[str, Any]:
         """TrainingArguments fields of the levers (gradient checkpointing and the batch shape are set apart)."""
         kwargs = dict(use_liger_kernel=self.use_liger_kernel, activation_offloading=self.activation_offloading)
+        if self.sync_free_step:
+            # Batches copied to the GPU from pinned memory without waiting, and no NaN check of each micro-batch's
+            # loss on the host (pipeline.sft_loss): a NaN loss is then logged as NaN, not replaced by a mean.
+            kwargs.update(accelerator_config={"non_blocking": True}, dataloader_pin_memory=torch.cuda.is_available(),
+                          logging_nan_inf_filter=False)
         if self.use_liger_kernel:
             kwargs["liger_kernel_config"] = {"rope": True, "swiglu": self.liger_all, "rms_norm": self.liger_all}
         return kwargs
@@ -132,6 +143,7 @@ class Levers:
             "dataloader_workers": self.dataloader_workers,
             "torch_compile": self.torch_compile,
             "cuda_graphs": self.cuda_graphs,
+            "sync_free_step": self.sync_free_step,
             "packed_width_multiple": self.width_multiple,
             "dequantized_base": self.dequantized_base,
             "fused_lora": self.fused_lora,
@@ -217,8 +229,8 @@ def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[f
     if t.cuda_graphs is True:
         return None
     if stage == "dpo":
-        return ("'auto' leaves DPO without graphs: its step is bound by the host elsewhere, and replaying its layers "
-                "measured no faster (BENCHMARKS.md, round 12)")
+        return ("'auto' leaves DPO without graphs: its packed and key widths take ~11 recordings of 2-3.5 s, more "
+                "than the replays saved in a 200-step run (BENCHMARKS.md, round 14); true pays on long runs")
     planned = planned_tokens(t, lv, rows, mean_tokens, stage)
     if planned is None or planned < GRAPHS_MIN_TOKENS:
         size = "its size is unknown" if planned is None else f"this one trains ~{planned:,.0f}"
@@ -245,11 +257,6 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
                 fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
                 accumulation=t.gradient_accumulation_steps,
                 max_steps=t.max_steps, save_steps=t.save_steps)
-
-    if t.dataloader_workers == "auto":
-        lv.dataloader_workers = AUTO_DATALOADER_WORKERS if torch.cuda.is_available() and stage == "dpo" else 0
-    else:
-        lv.dataloader_workers = t.dataloader_workers
 
     # DPO runs chosen and rejected in one forward: twice the rows.
     per_sequence = t.max_length * (2 if stage == "dpo" else 1)
@@ -357,6 +364,20 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
         lv.cuda_graphs = why_not is None
         if why_not:
             lv.notes.append(f"cuda_graphs skipped: {why_not}")
+
+    if t.sync_free_step:  # the SFT loss over positions the packing collator lists (pipeline.sft_loss)
+        if stage != "sft" or not lv.padding_free:
+            if t.sync_free_step is True:
+                lv.notes.append("sync_free_step skipped: it is SFT's, on packed batches (padding_free)")
+        else:
+            lv.sync_free_step = t.sync_free_step is True or lv.cuda_graphs
+
+    if t.dataloader_workers == "auto":
+        # where the host's collation delays the GPU: DPO's step, and SFT's once the GPU sets the pace (graphs)
+        busy_gpu = stage == "dpo" or lv.cuda_graphs
+        lv.dataloader_workers = AUTO_DATALOADER_WORKERS if torch.cuda.is_available() and busy_gpu else 0
+    else:
+        lv.dataloader_workers = t.dataloader_workers
 
     if t.use_liger_kernel:
         why_not = liger_available()
@@ -559,7 +580,8 @@ class PackedRowsCollator:
     predicted from the previous sequence), position_ids; no attention_mask, so transformers derives the
     block-diagonal causal mask from position_ids. With `cu_seq_lens`, also the sequence boundaries of the
     flattened rows for variable-length attention (pipeline.varlen_attention): cu_seq_lens_q/_k (int32; a row's
-    padding is a segment of its own) and max_length_q/_k (an int).
+    padding is a segment of its own) and max_length_q/_k (an int). With `loss_positions`, also the labelled
+    positions and the real-token count that the sync-free loss takes from the CPU (pipeline.sft_loss).
 
     `width_multiple` (lever cuda_graphs): rows are padded to a multiple of it, and max_length_q/_k is the row
     width (a bound on every segment), so a batch's shapes and ints are the same for every batch of one width.
@@ -569,6 +591,7 @@ class PackedRowsCollator:
     capacity: int
     cu_seq_lens: bool = False
     width_multiple: int = 0
+    loss_positions: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
@@ -599,6 +622,9 @@ class PackedRowsCollator:
             cu = torch.tensor(bounds, dtype=torch.int32)
             longest = width if self.width_multiple else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        if self.loss_positions:  # lever sync_free_step: what the loss and the token count need, from the CPU
+            batch.update(sft_loss.loss_positions(out_labels))
+            batch[sft_loss.REAL_TOKENS] = int((out_ids != self.pad_token_id).sum())  # the Trainer's own rule
         return batch
 
 

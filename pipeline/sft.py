@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from pipeline import fast, modeling, training, varlen_attention
+from pipeline import fast, modeling, sft_loss, training, varlen_attention
 from pipeline.events import EventLog, make_callback
 from pipeline.specs import SFTSpec
 
@@ -40,7 +40,8 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         if levers.varlen_attention:
             capacity = levers.batch_size * spec.training.max_length
         collator = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=capacity,
-                                           cu_seq_lens=levers.varlen_attention, width_multiple=levers.width_multiple)
+                                           cu_seq_lens=levers.varlen_attention, width_multiple=levers.width_multiple,
+                                           loss_positions=levers.sync_free_step)
     summary: dict = {}
     set_seed(spec.training.seed)  # LoRA init draws from the RNG: same seed, same adapter init
     trainer = SFTTrainer(
@@ -54,6 +55,13 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
         callbacks=[make_callback(log, summary)],
     )
     training.prepare_model(trainer, dtype, levers)
+    if levers.sync_free_step:
+        why_not = sft_loss.unsupported(trainer.model)
+        if why_not:
+            collator.loss_positions = levers.sync_free_step = False
+            levers.notes.append(f"sync_free_step skipped: {why_not}")
+        else:
+            sft_loss.install(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
     with attention:  # training and the eval loss only: generation afterwards keeps sdpa and its masks

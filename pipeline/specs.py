@@ -140,8 +140,18 @@ class TrainingSpec(_Spec):
         "~2,500 kernel launches (SFT on an H200: 39k -> 52k tokens/s). A graph is recorded per packed width, so "
         "packed widths are padded (a segment of pad tokens without loss) up to a multiple of 1,024 tokens, and each "
         "width's first steps record it (~3.4 s each, ~8 widths for chat data). Not under gradient checkpointing. "
-        "'auto': SFT runs of at least 8M real tokens (where the recordings pay back); not DPO (its step is bound "
-        "by the host elsewhere: replays measured no faster; BENCHMARKS.md). true: wherever it applies; false: off.",
+        "'auto': SFT runs of at least 8M real tokens (where the recordings pay back); not DPO (its packed and key widths "
+        "take ~11 recordings, more than a 200-step run's replays save; BENCHMARKS.md, round 14). With it, SFT's "
+        "sync_free_step and dataloader_workers 'auto' are on. true: wherever it applies; false: off.",
+    )
+    sync_free_step: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="SFT with padding_free: a step that never waits for the GPU before its log. The collator lists "
+        "the labelled positions and counts the real tokens on the CPU, the loss scores those positions through the "
+        "LM head in chunks (TRL's loss, entropy and token accuracy, the metrics read at the log), batches are "
+        "copied from pinned memory without blocking, and the per-step NaN check of the loss is off (a NaN loss is "
+        "logged as NaN). It pays where the GPU sets the pace: with cuda_graphs (BENCHMARKS.md, round 14). 'auto': "
+        "on with cuda_graphs; true: on wherever the batch is packed; false: TRL's loss.",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(
         "auto",
@@ -187,8 +197,9 @@ class TrainingSpec(_Spec):
         "auto",
         description="Worker processes that read and collate the next batches while the GPU trains on this one "
         "(tokenized rows to packed tensors): data preparation off the step's critical path. 'auto': 2 for DPO on "
-        "CUDA (its preference batches take the longest to collate), else 0 (SFT measured no faster; on a CPU the "
-        "step itself is the CPU's work). 0: collate in the training process.",
+        "CUDA (its preference batches take the longest to collate) and for SFT with cuda_graphs (where the GPU sets "
+        "the pace), else 0 (SFT's host-bound step measured no faster; on a CPU the step itself is the CPU's work). "
+        "0: collate in the training process.",
     )
     share_prompt: bool = Field(
         True,

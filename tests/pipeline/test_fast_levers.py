@@ -1042,3 +1042,78 @@ def test_sft_torch_compile_learns_the_same(tmp_path):
     for a, b in zip(off, on):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
+
+
+# ---------------------------------------------------------------- sync_free_step (SFT)
+
+
+def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch):
+    """The chunked LM-head loss: the summed cross-entropy, its gradient, and TRL's entropy and top-1 counts, over
+    several chunks (a chunk of 4 tokens here)."""
+    from pipeline import sft_loss
+
+    monkeypatch.setattr(sft_loss, "CHUNK_LOGIT_BYTES", 4 * 4 * 50)  # 4 tokens a chunk at 50 logits
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (11,))
+    total, entropy, correct = sft_loss.LinearCrossEntropy.apply(hidden, weight, targets)
+    (total * 0.5).backward()
+
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = ref_hidden @ weight.T
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (ref * 0.5).backward()
+    probs = logits.detach().softmax(-1)
+    assert torch.allclose(total, ref.detach(), rtol=1e-5)
+    assert torch.allclose(hidden.grad, ref_hidden.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(entropy, -(probs * probs.log()).sum(), rtol=1e-5)
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+
+
+def test_loss_positions_are_the_shifted_labels():
+    from pipeline import sft_loss
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    positions = sft_loss.loss_positions(labels)
+    assert positions["loss_index"].tolist() == [0, 1, 5, 6]  # the position before each label, flat over rows
+    assert positions["loss_targets"].tolist() == [5, 6, 7, 8]
+
+
+def test_sync_free_step_learns_the_same(tmp_path):
+    """sync_free_step: the chunked loss over positions listed on the CPU trains what TRL's loss trains: the same
+    losses, gradients and real-token counts (packed batches, padded widths included)."""
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    trl_summary, trl = _run(run_sft, _sft_spec(dict(ON, sync_free_step=False)), tmp_path / "trl")
+    own_summary, own = _run(run_sft, _sft_spec(dict(ON, sync_free_step=True)), tmp_path / "own")
+    start = next(e for e in read_events(tmp_path / "own" / "events.jsonl") if e["event"] == "start")
+    assert start["levers"]["sync_free_step"] and start["levers"]["padding_free"]
+    assert [s["step"] for s in own] == [1, 2]
+    for a, b in zip(trl, own):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a, b)
+    assert own_summary["tokens_seen"] == trl_summary["tokens_seen"]
+
+
+def test_sync_free_step_resolves_with_cuda_graphs(tiny_demo, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    monkeypatch.setattr("pipeline.compiled_layers.gpu_kernels_unavailable", lambda: None)
+    spec = TrainingSpec(max_length=1024, torch_compile=True)
+    assert TrainingSpec().sync_free_step == "auto"
+    graphs = fast.resolve(spec.model_copy(update={"cuda_graphs": True}), "sft", config, torch.bfloat16, rows=1_000)
+    assert graphs.cuda_graphs and graphs.sync_free_step
+    assert graphs.config_kwargs()["accelerator_config"] == {"non_blocking": True}
+    plain = fast.resolve(spec.model_copy(update={"cuda_graphs": False}), "sft", config, torch.bfloat16, rows=1_000)
+    assert not plain.sync_free_step and "accelerator_config" not in plain.config_kwargs()
+    # the GPU sets the pace with graphs: the batches are collated in workers too
+    assert graphs.dataloader_workers == fast.AUTO_DATALOADER_WORKERS and plain.dataloader_workers == 0
+    forced = fast.resolve(spec.model_copy(update={"sync_free_step": True}), "sft", config, torch.bfloat16, rows=1_000)
+    assert forced.sync_free_step
+    dpo = fast.resolve(spec.model_copy(update={"sync_free_step": True}), "dpo", config, torch.bfloat16, rows=1_000)
+    assert not dpo.sync_free_step and any(n.startswith("sync_free_step skipped") for n in dpo.notes)
