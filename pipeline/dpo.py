@@ -125,7 +125,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
             fields = training.start_fields("dpo", effective, len(train_rows), levers)
             if levers.precompute_ref_log_probs:  # its rows and seconds: part of the run's cost
                 fields["reference_logps"] = effective["reference_logps"] = dpo_reference.precompute(
-                    trainer, levers.batch_size * REFERENCE_BATCHES)
+                    trainer, levers.batch_size * REFERENCE_BATCHES, levers.dataloader_workers)
             training.run_trainer(trainer, job_dir, log, fields)
     finally:
         if unmask is not None:

@@ -18,13 +18,19 @@ import torch
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def reference_logps(trainer, dataset, batch_size: int) -> tuple[list[float], list[float]]:
-    """The reference log-probs of each row of `dataset` (chosen, rejected), in its order."""
+def reference_logps(trainer, dataset, batch_size: int, workers: int = 0) -> tuple[list[float], list[float]]:
+    """The reference log-probs of each row of `dataset` (chosen, rejected), in its order.
+
+    `workers` (lever dataloader_workers): processes that collate the next batches while the GPU runs this one;
+    their batches come in pinned memory and are copied without waiting for the GPU.
+    """
     device = trainer.accelerator.device
+    pinned = device.type == "cuda"
+    batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator,
+                                          num_workers=workers, pin_memory=pinned)
     chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = trainer.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=pinned) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         c, r = trainer.compute_ref_log_probs(trainer.model, batch)
         chosen.append(c.float())
         rejected.append(r.float())
@@ -33,7 +39,7 @@ def reference_logps(trainer, dataset, batch_size: int) -> tuple[list[float], lis
     return torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
 
 
-def precompute(trainer, batch_size: int) -> dict:
+def precompute(trainer, batch_size: int, workers: int = 0) -> dict:
     """Add the reference log-probs to the trainer's train (and eval) dataset and make its steps read them.
 
     Call it with the model prepared and, for packed batches, inside dpo_packing.packing. Returns what it did:
@@ -45,7 +51,7 @@ def precompute(trainer, batch_size: int) -> dict:
         dataset = getattr(trainer, name)
         if dataset is None or COLUMNS[0] in dataset.column_names:
             continue
-        values = reference_logps(trainer, dataset, batch_size)
+        values = reference_logps(trainer, dataset, batch_size, workers)
         for column, column_values in zip(COLUMNS, values):
             dataset = dataset.add_column(column, column_values)
         setattr(trainer, name, dataset)

@@ -18,8 +18,9 @@
 - `activation_offloading`: TRL's offloading of saved activations to pinned CPU memory (CUDA only).
 - `precompute_ref_log_probs` (DPO): reference log-probs computed once, before training, on the prepared model
   (pipeline.dpo_reference).
-- `dataloader_workers`: worker processes collate the next batches while the GPU trains (data preparation off the
-  critical path); 'auto': AUTO_DATALOADER_WORKERS for DPO on CUDA and for SFT with cuda_graphs, else none.
+- `dataloader_workers`: worker processes collate the next batches while the GPU trains, and DPO's precomputed
+  reference pass (data preparation off the critical path); 'auto': AUTO_DATALOADER_WORKERS for DPO on CUDA and for
+  SFT with cuda_graphs, else none.
 - `share_prompt` (DPO, with varlen_attention): the prompt a pair's chosen and rejected rows share runs through the
   decoder once, and both answers attend to it (pipeline.dpo_packing).
 - `fused_optimizer`: torch's fused AdamW (fp32 states, fp32 LoRA master weights) instead of the paged
@@ -28,8 +29,8 @@
   on CUDA with packed varlen batches, no gradient checkpointing, and runs long enough to repay the compile.
 - `cuda_graphs` (with torch_compile): the compiled layers replayed as CUDA graphs (inductor's CUDA graph trees),
   one recording per packed width; the packed widths are padded up to a multiple of GRAPH_WIDTH_MULTIPLE (the
-  padding a segment of its own, labelled -100) so a run sees a few widths, each recorded once. 'auto': SFT runs
-  long enough to repay the recordings.
+  padding a segment of its own, labelled -100) so a run sees a few widths, each recorded once. 'auto': runs long
+  enough to repay the recordings.
 - `sync_free_step` (SFT, packed): a step without host reads of the GPU before its log (pipeline.sft_loss); 'auto':
   with cuda_graphs, where the GPU sets the pace and every read leaves it idle.
 - `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
@@ -62,10 +63,11 @@ COMPILE_MIN_TOKENS = 3_000_000
 # cuda_graphs: a graph is recorded per packed width, so widths are rounded up to this multiple: the recipe's 8 chat
 # rows pack to ~2k-10k tokens, ~8 widths of 1,024 (~512 pad tokens a step on average).
 GRAPH_WIDTH_MULTIPLE = 1024
-# 'auto' replays CUDA graphs only for SFT runs that repay the recordings: on an H200 each packed width cost ~3.4 s to
-# record (inductor's bookkeeping of a 44-graph path) and replays then saved ~6.4 us a token (39.2k -> 52.4k tok/s,
-# bench round 12), so ~8 widths pay back after ~4.3M tokens.
-GRAPHS_MIN_TOKENS = 8_000_000
+# 'auto' replays CUDA graphs only for runs that repay the recordings (one per packed width; DPO's shared prompts add
+# key widths). H200, round 14: a run's recordings took ~22 s (SFT, ~8 widths) and ~25-29 s (DPO, ~11 width pairs) in
+# all, and replays then saved ~2.3 us a real token (SFT: 49.5k -> 55.9k tok/s) and 2.2-5.5 us (DPO's steps): paid back
+# after ~9.5M (SFT) and ~5-11M (DPO) tokens. About twice that leaves a margin.
+GRAPHS_MIN_TOKENS = {"sft": 20_000_000, "dpo": 24_000_000}
 # Collating a DPO step's batch (TRL's preference collator, the packing) takes ~15 ms of Python on a 2.5 GHz core: two
 # workers keep the next batches ready while the GPU trains (H200: median step 120 ms against 138 ms, BENCHMARKS.md
 # round 13). SFT's collation is lighter: its host-bound step measured no faster with workers, its step replayed as CUDA
@@ -228,14 +230,12 @@ def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[f
         return "not under gradient checkpointing (its recompute would run the layers' graphs inside the backward)"
     if t.cuda_graphs is True:
         return None
-    if stage == "dpo":
-        return ("'auto' leaves DPO without graphs: its packed and key widths take ~11 recordings of 2-3.5 s, more "
-                "than the replays saved in a 200-step run (BENCHMARKS.md, round 14); true pays on long runs")
     planned = planned_tokens(t, lv, rows, mean_tokens, stage)
-    if planned is None or planned < GRAPHS_MIN_TOKENS:
+    least = GRAPHS_MIN_TOKENS[stage]
+    if planned is None or planned < least:
         size = "its size is unknown" if planned is None else f"this one trains ~{planned:,.0f}"
-        return (f"'auto' replays graphs in runs of at least {GRAPHS_MIN_TOKENS:,} real tokens (each packed width costs "
-                f"~3.4 s to record); {size}")
+        return (f"'auto' replays graphs in {stage.upper()} runs of at least {least:,} real tokens (each packed width "
+                f"costs ~3 s to record); {size}")
     return None
 
 

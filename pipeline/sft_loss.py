@@ -11,7 +11,8 @@ Here the collator lists the labelled positions on the CPU (`loss_positions`), so
 GPU runs, and `LinearCrossEntropy` scores only those positions through the frozen LM head in chunks, never holding
 all the logits. The loss is TRL's: the summed negative log-likelihood of the labelled tokens over the step's
 labelled-token count. TRL's metrics (entropy, token accuracy) are computed in the same chunks and kept on the GPU
-until the step's log reads them (the one read left, with the loss's). The real-token count comes from the
+until the step's log reads them, where the Trainer reads the loss and the gradient norm: those three are the only
+reads of a step left (bench/results/sync_probe_sft_graphs_H200.txt). The real-token count comes from the
 collator, by the Trainer's own rule (tokens that are not the pad token).
 """
 

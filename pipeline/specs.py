@@ -137,12 +137,12 @@ class TrainingSpec(_Spec):
         "auto",
         description="With torch_compile on CUDA: replay the compiled layers' forward and backward as CUDA graphs "
         "(inductor's CUDA graph trees), so a step's layers cost a few graph launches of host time instead of "
-        "~2,500 kernel launches (SFT on an H200: 39k -> 52k tokens/s). A graph is recorded per packed width, so "
-        "packed widths are padded (a segment of pad tokens without loss) up to a multiple of 1,024 tokens, and each "
-        "width's first steps record it (~3.4 s each, ~8 widths for chat data). Not under gradient checkpointing. "
-        "'auto': SFT runs of at least 8M real tokens (where the recordings pay back); not DPO (its packed and key widths "
-        "take ~11 recordings, more than a 200-step run's replays save; BENCHMARKS.md, round 14). With it, SFT's "
-        "sync_free_step and dataloader_workers 'auto' are on. true: wherever it applies; false: off.",
+        "~2,500 kernel launches (H200, steps without recordings: SFT 49.5k -> 58.4k tokens/s, DPO 61k -> 71k). A graph "
+        "is recorded per packed width, so packed widths are padded (a segment of pad tokens without loss) up to a "
+        "multiple of 1,024 tokens, and each width's first steps record it (~3 s each; ~8 widths for SFT's chat data, "
+        "~11 width pairs for DPO). Not under gradient checkpointing. 'auto': runs of at least 20M (SFT) or 24M (DPO) "
+        "real tokens, where the recordings pay back (BENCHMARKS.md, round 14). With it, SFT's sync_free_step and "
+        "dataloader_workers 'auto' are on. true: wherever it applies; false: off.",
     )
     sync_free_step: Union[bool, Literal["auto"]] = Field(
         "auto",
@@ -196,7 +196,8 @@ class TrainingSpec(_Spec):
     dataloader_workers: Union[int, Literal["auto"]] = Field(
         "auto",
         description="Worker processes that read and collate the next batches while the GPU trains on this one "
-        "(tokenized rows to packed tensors): data preparation off the step's critical path. 'auto': 2 for DPO on "
+        "(tokenized rows to packed tensors), and DPO's precomputed reference pass: data preparation off the step's "
+        "critical path. 'auto': 2 for DPO on "
         "CUDA (its preference batches take the longest to collate) and for SFT with cuda_graphs (where the GPU sets "
         "the pace), else 0 (SFT's host-bound step measured no faster; on a CPU the step itself is the CPU's work). "
         "0: collate in the training process.",

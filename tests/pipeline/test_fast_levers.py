@@ -354,16 +354,19 @@ def _dpo_spec(levers: dict) -> DPOSpec:
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_dataloader_workers_learn_the_same(tmp_path, tiny_demo, stage):
-    """dataloader_workers: batches collated in worker processes train exactly what the training process collates."""
+    """dataloader_workers: batches collated in worker processes train exactly what the training process collates
+    (DPO: its precomputed reference pass collated in workers too)."""
     from pipeline.dpo import run_dpo
     from pipeline.events import read_events
     from pipeline.sft import run_sft
 
     run, spec = (run_sft, _sft_spec) if stage == "sft" else (run_dpo, _dpo_spec)
-    _, inline = _run(run, spec(dict(ON, dataloader_workers=0)), tmp_path / "inline")
-    _, workers = _run(run, spec(dict(ON, dataloader_workers=2)), tmp_path / "workers")
+    levers = dict(ON, **({"precompute_ref_log_probs": True} if stage == "dpo" else {}))
+    _, inline = _run(run, spec(dict(levers, dataloader_workers=0)), tmp_path / "inline")
+    _, workers = _run(run, spec(dict(levers, dataloader_workers=2)), tmp_path / "workers")
     start = next(e for e in read_events(tmp_path / "workers" / "events.jsonl") if e["event"] == "start")
     assert start["levers"]["dataloader_workers"] == 2
+    assert stage == "sft" or start["reference_logps"]["rows"] == 16
     assert [(s["loss"], s["grad_norm"]) for s in workers] == [(s["loss"], s["grad_norm"]) for s in inline]
     from transformers import AutoConfig
 
@@ -905,14 +908,16 @@ def test_cuda_graphs_resolve_with_the_compiled_layers_on_cuda(tiny_demo, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
     monkeypatch.setattr(compiled_layers, "gpu_kernels_unavailable", lambda: None)  # as with Triton installed
-    long_sft = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=20_000, mean_tokens=650)  # 13M tokens
+    long_sft = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=40_000, mean_tokens=650)  # 26M tokens
     assert long_sft.cuda_graphs and long_sft.width_multiple == fast.GRAPH_WIDTH_MULTIPLE
     assert long_sft.effective()["cuda_graphs"] is True and long_sft.effective()["packed_width_multiple"] == 1024
     short_sft = fast.resolve(compiled, "sft", config, torch.bfloat16, rows=2_400, mean_tokens=650)  # 1.56M
     assert not short_sft.cuda_graphs and short_sft.width_multiple == 0
-    assert any("at least 8,000,000 real tokens" in n and "trains ~1,560,000" in n for n in short_sft.notes)
-    dpo = fast.resolve(compiled, "dpo", config, torch.bfloat16, rows=20_000, mean_tokens=650)
-    assert not dpo.cuda_graphs and any("'auto' leaves DPO without graphs" in n for n in dpo.notes)
+    assert any("SFT runs of at least 20,000,000 real tokens" in n and "trains ~1,560,000" in n for n in short_sft.notes)
+    long_dpo = fast.resolve(compiled, "dpo", config, torch.bfloat16, rows=20_000, mean_tokens=650)  # x 2 rows: 26M
+    assert long_dpo.cuda_graphs
+    dpo = fast.resolve(compiled, "dpo", config, torch.bfloat16, rows=10_000, mean_tokens=650)  # 13M
+    assert not dpo.cuda_graphs and any("DPO runs of at least 24,000,000" in n for n in dpo.notes)
     forced = compiled.model_copy(update={"cuda_graphs": True})
     assert fast.resolve(forced, "dpo", config, torch.bfloat16, rows=100, mean_tokens=650).cuda_graphs
     off = fast.resolve(compiled.model_copy(update={"cuda_graphs": False}), "sft", config, torch.bfloat16,
