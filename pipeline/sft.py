@@ -57,8 +57,9 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     training.prepare_model(trainer, dtype, levers)
     if levers.sync_free_step:
         why_not = sft_loss.unsupported(trainer.model)
-        if why_not:
+        if why_not:  # TRL's loss then, with the Trainer's NaN check back (the copies may stay non-blocking)
             collator.loss_positions = levers.sync_free_step = False
+            trainer.args.logging_nan_inf_filter = True
             levers.notes.append(f"sync_free_step skipped: {why_not}")
         else:
             sft_loss.install(trainer)

@@ -1122,3 +1122,19 @@ def test_sync_free_step_resolves_with_cuda_graphs(tiny_demo, monkeypatch):
     assert forced.sync_free_step
     dpo = fast.resolve(spec.model_copy(update={"sync_free_step": True}), "dpo", config, torch.bfloat16, rows=1_000)
     assert not dpo.sync_free_step and any(n.startswith("sync_free_step skipped") for n in dpo.notes)
+
+
+def test_sync_free_step_falls_back_to_trl_where_the_head_is_not_plain(tmp_path, monkeypatch):
+    """A model whose LM head the chunked loss cannot score keeps TRL's loss and the Trainer's NaN check, with a
+    note saying why."""
+    from pipeline import sft_loss
+    from pipeline.events import read_events
+    from pipeline.sft import run_sft
+
+    monkeypatch.setattr(sft_loss, "unsupported", lambda model: "the model scales its logits (logit_scale)")
+    _, fallback = _run(run_sft, _sft_spec(dict(ON, sync_free_step=True)), tmp_path / "fallback")
+    _, trl = _run(run_sft, _sft_spec(dict(ON, sync_free_step=False)), tmp_path / "trl")
+    start = next(e for e in read_events(tmp_path / "fallback" / "events.jsonl") if e["event"] == "start")
+    assert not start["levers"]["sync_free_step"]
+    assert "sync_free_step skipped: the model scales its logits (logit_scale)" in start["levers"]["lever_notes"]
+    assert [(s["loss"], s["grad_norm"]) for s in fallback] == [(s["loss"], s["grad_norm"]) for s in trl]
