@@ -1,0 +1,27 @@
+"""The training bench's rates (bench/train_bench.py): what its tables report is arithmetic anyone can check."""
+
+from __future__ import annotations
+
+from bench.train_bench import replay_rate
+
+
+def _points(step_seconds: list[float], tokens_per_step: int = 1000) -> list[dict]:
+    points, t = [{"t": 0.0, "tokens": 0}], 0.0
+    for i, seconds in enumerate(step_seconds, start=1):
+        t += seconds
+        points.append({"t": t, "tokens": i * tokens_per_step})
+    return points
+
+
+def test_replay_rate_leaves_out_the_recording_steps():
+    # ten replayed steps of 0.1 s and two recordings of 3 s: the replay rate is the replayed steps' alone
+    points = _points([0.1] * 5 + [3.0] + [0.1] * 5 + [3.0])
+    assert replay_rate(points) == 10_000.0
+
+
+def test_replay_rate_of_a_run_without_recordings_is_its_rate_and_carries_the_charge():
+    points = _points([0.1, 0.12, 0.08, 0.1])
+    assert replay_rate(points) == 10_000.0
+    # DPO's precomputed reference pass, charged per step: 0.1 s more each step halves the rate
+    assert replay_rate(points, charge_per_step=0.1) == 5_000.0
+    assert replay_rate(points[:1]) is None
