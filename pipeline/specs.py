@@ -137,8 +137,9 @@ class TrainingSpec(_Spec):
         "auto",
         description="With torch_compile on CUDA: replay the compiled layers' forward and backward as CUDA graphs "
         "(inductor's CUDA graph trees), so a step's layers cost a few graph launches of host time instead of "
-        "~2,500 kernel launches (H200, steps without recordings: SFT 49.5k -> 58.4k tokens/s, DPO 61k -> 71k). A graph "
-        "is recorded per packed width, so packed widths are padded (a segment of pad tokens without loss) up to a "
+        "~2,500 kernel launches (H200, steps without recordings, same process: SFT 49.5k -> 55.9k tokens/s, DPO "
+        "61k -> 71k). A graph is recorded per packed width, so packed widths are padded (a segment of pad tokens "
+        "without loss) up to a "
         "multiple of 1,024 tokens, and each width's first steps record it (~3 s each; ~8 widths for SFT's chat data, "
         "~11 width pairs for DPO). Not under gradient checkpointing. 'auto': runs of at least 20M (SFT) or 24M (DPO) "
         "real tokens, where the recordings pay back (BENCHMARKS.md, round 14). With it, SFT's sync_free_step and "
