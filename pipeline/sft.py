@@ -33,6 +33,10 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
 
     model = modeling.load_base(inputs.base, spec.quant, dtype)
     levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens)
+    why_not = sft_loss.unsupported(model) if levers.sync_free_step else None
+    if why_not:  # decided before the Trainer's settings, which follow from it
+        levers.sync_free_step = False
+        levers.notes.append(f"sync_free_step skipped: {why_not}")
     collator = None
     if levers.padding_free:
         # varlen attention costs each sequence only its own length: the whole micro-batch goes in one row
@@ -56,13 +60,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     )
     training.prepare_model(trainer, dtype, levers)
     if levers.sync_free_step:
-        why_not = sft_loss.unsupported(trainer.model)
-        if why_not:  # TRL's loss then, with the Trainer's NaN check back (the copies may stay non-blocking)
-            collator.loss_positions = levers.sync_free_step = False
-            trainer.args.logging_nan_inf_filter = True
-            levers.notes.append(f"sync_free_step skipped: {why_not}")
-        else:
-            sft_loss.install(trainer)
+        sft_loss.install(trainer)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
     with attention:  # training and the eval loss only: generation afterwards keeps sdpa and its masks

@@ -52,6 +52,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        if ctx.needs_input_grad[1]:  # (the stages never train the head: LoRA targets the decoder's projections)
+            raise ValueError("LinearCrossEntropy scores a frozen LM head; this one is trained (use TRL's loss)")
         chunk = max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
         total, entropy, correct = (torch.zeros((), dtype=torch.float32, device=hidden.device) for _ in range(3))
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -77,12 +79,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def unsupported(model) -> Optional[str]:
-    """None when the LM head is one this loss computes exactly; else why TRL's loss must run instead."""
+    """None when the LM head is one this loss computes exactly; else why TRL's loss must run instead.
+
+    Called on the loaded model, before the Trainer is configured (the lever's Trainer settings follow from it)."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__} (adapted or wrapped), not a plain linear layer"
-    if head.bias is not None or head.weight.requires_grad:
-        return "the LM head has a bias or is trained"
+    if head.bias is not None:
+        return "the LM head has a bias"
     config = model.config.get_text_config()
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                  "logits_scaling"):

@@ -1138,3 +1138,10 @@ def test_sync_free_step_falls_back_to_trl_where_the_head_is_not_plain(tmp_path, 
     assert not start["levers"]["sync_free_step"]
     assert "sync_free_step skipped: the model scales its logits (logit_scale)" in start["levers"]["lever_notes"]
     assert [(s["loss"], s["grad_norm"]) for s in fallback] == [(s["loss"], s["grad_norm"]) for s in trl]
+
+
+def test_linear_cross_entropy_refuses_a_trained_head():
+    from pipeline import sft_loss
+
+    with pytest.raises(ValueError, match="frozen LM head"):
+        sft_loss.LinearCrossEntropy.apply(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2]))
