@@ -1,7 +1,7 @@
 """SFT and DPO throughput side by side, in one process on one CUDA card (issue 4).
 
     python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--runs c,c-x] [--repeat 2]
-                                [--profile [--profile-runs c,c-x] [--profile-after N]]
+                                [--profile [--profile-runs c,c-x] [--profile-after N] [--trace]]
     python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
 
 Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
@@ -25,6 +25,11 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c-graphs-syncs (SFT)  c-graphs with sync_free_step=false: TRL's loss and metrics, read on the host every step
      (before round 14).
   c-graphs-workers (SFT)  c-graphs with dataloader_workers=2 (round 14's measurement; 'auto' now gives c-graphs them).
+  c-graphs-quiet (SFT)  c-graphs logging every 1,000 steps: what a step without the log's reads would run.
+  c-graphs-logsync (SFT)  c-graphs with each step's log read at once (pipeline.late_log off; before round 15).
+  c-graphs-inductor-rng (SFT)  c-graphs with the LoRA dropout drawn by inductor's fused kernels
+     (compiled_layers.ATEN_RANDOM off; before round 15).
+  c-graphs-round14 (SFT)  both of the above: c-graphs as round 14 left it.
   c-syncfree (SFT)  c with sync_free_step=true, without graphs.
   c-noworkers  c with dataloader_workers=0: batches collated in the training process, between steps (before
      round 13).
@@ -52,8 +57,11 @@ those of them that took at most 3x the median step (replay: a run with CUDA grap
 a DPO run that precomputed its reference log-probs is charged their seconds per pair for the pairs those steps
 train (tokens_per_s_steps leaves them out). Also peak GPU memory (torch allocator; paged optimizer states live
 in managed memory and are not counted), loss around the same token count for
-all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card. Writes
-OUT_DIR/train_bench.json and prints a table.
+all runs of a stage but a (whose rows are cut to 512 tokens), ratios c/a and c/b, the card, and each c run against
+c-graphs (else c) over the steps both replayed (`paired`: the same steps pack the same rows, so this is the fairest
+comparison of two runs of a process). Writes OUT_DIR/train_bench.json (after every run, so a call cut short keeps
+what ran) and prints a table. The timer never waits for the GPU inside a run: a step's end is a CUDA event, read
+after the run (StepClock).
 """
 
 from __future__ import annotations
@@ -84,6 +92,56 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class StepClock:
+    """Seconds from start() to each mark(), without making the host wait for the GPU at a mark.
+
+    On CUDA a mark is an event recorded behind the work queued so far, read only at the end: timing a step by
+    synchronizing would drain the GPU's queue every step, and a step that keeps the GPU busy without host reads
+    (`sync_free_step` with CUDA graphs) would then idle while the host prepares the next one, a cost the stage
+    does not pay on its own. On a CPU a mark is the host's clock.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.marks: list = []
+        self.t0 = 0.0
+        self.origin = None
+
+    def start(self) -> None:
+        import torch
+
+        _sync()
+        self.t0 = time.perf_counter()
+        self.marks = []
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+
+    def host_seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def mark(self) -> int:
+        import torch
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(self.host_seconds())
+        return len(self.marks) - 1
+
+    def seconds(self) -> list[float]:
+        """Every mark's seconds from start() (waits for the GPU to pass the last mark)."""
+        if not self.cuda:
+            return list(self.marks)
+        if self.marks:
+            self.marks[-1].synchronize()
+        return [self.origin.elapsed_time(event) / 1000 for event in self.marks]
+
+
 def make_meter(seconds: float, max_steps: Optional[int] = None):
     """A TrainerCallback recording (time, real tokens, loss) per optimizer step and stopping after `seconds`.
 
@@ -94,21 +152,26 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
 
     class Meter(TrainerCallback):
         def __init__(self) -> None:
-            self.points: list[dict] = []
-            self.t0: Optional[float] = None
+            self.marked: list[dict] = []  # per step: its number, real tokens so far, its clock mark
+            self.clock = StepClock()
             self.losses: dict[int, float] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            _sync()
-            self.t0 = time.perf_counter()
+            self.clock.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
-            now = time.perf_counter()
-            self.points.append({"step": state.global_step, "t": now - self.t0, "tokens": int(state.num_input_tokens_seen)})
-            done = now - self.t0 >= seconds and len(self.points) >= MIN_STEPS
-            if done or now - self.t0 >= 4 * seconds or (max_steps and len(self.points) >= max_steps):
+            self.marked.append({"step": state.global_step, "tokens": int(state.num_input_tokens_seen),
+                                "mark": self.clock.mark()})
+            elapsed = self.clock.host_seconds()  # the host runs at most a few steps ahead of the GPU
+            done = elapsed >= seconds and len(self.marked) >= MIN_STEPS
+            if done or elapsed >= 4 * seconds or (max_steps and len(self.marked) >= max_steps):
                 control.should_training_stop = True
+
+        @property
+        def points(self) -> list[dict]:
+            """Per step: its number, the seconds from the start of training to its end, real tokens so far."""
+            times = self.clock.seconds()
+            return [{"step": m["step"], "t": times[m["mark"]], "tokens": m["tokens"]} for m in self.marked]
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -154,6 +217,29 @@ def replay_rate(points: list[dict], charge_per_step: float = 0.0) -> Optional[fl
     limit = 3 * statistics.median(seconds for seconds, _ in steps)
     kept = [(seconds + charge_per_step, tokens) for seconds, tokens in steps if seconds <= limit]
     return round(sum(tokens for _, tokens in kept) / sum(seconds for seconds, _ in kept), 1)
+
+
+def paired_rates(curve: list[dict], reference: list[dict]) -> Optional[dict]:
+    """Two runs' real tokens/s over the same steps: those that both replayed (each at most 3x its run's median step).
+
+    Runs of one process start from the same data order, so step k packs the same rows in both: comparing them
+    over the same steps takes out the difference in which steps each run's recordings fell on, which moves a short
+    run's replay rate by several percent."""
+    def steps(points: list[dict]) -> dict[int, tuple[float, int]]:
+        timed = {b["step"]: (b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(points, points[1:])}
+        if not timed:
+            return {}
+        limit = 3 * statistics.median(seconds for seconds, _ in timed.values())
+        return {k: v for k, v in timed.items() if v[0] <= limit}
+
+    mine, theirs = steps(curve), steps(reference)
+    common = [k for k in mine if k in theirs]
+    if not common:
+        return None
+    tokens = sum(mine[k][1] for k in common)
+    rate, reference_rate = (tokens / sum(run[k][0] for k in common) for run in (mine, theirs))
+    return {"steps": len(common), "tokens_per_s": round(rate, 1), "reference_tokens_per_s": round(reference_rate, 1),
+            "ratio": round(rate / reference_rate, 3)}
 
 
 class Both:
@@ -336,15 +422,29 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
     return result
 
 
-def eager_reference(run):
-    """Run `run` with DPO's reference pass through HF's eager layers (the compiled layers for the policy only)."""
-    from pipeline import compiled_layers
+def switched(module: str, name: str, value):
+    """A run wrapper: the run with pipeline.<module>.<name> set to `value`, a part of a lever that has no spec
+    field of its own, switched to measure what it buys."""
+    import importlib
 
-    compiled_layers.REFERENCE_PASS = False
-    try:
-        return run()
-    finally:
-        compiled_layers.REFERENCE_PASS = True
+    def wrapper(run):
+        target = importlib.import_module(f"pipeline.{module}")
+        before = getattr(target, name)
+        setattr(target, name, value)
+        try:
+            return run()
+        finally:
+            setattr(target, name, before)
+
+    return wrapper
+
+
+def both(outer, inner):
+    """Two run wrappers as one."""
+    return lambda run: outer(lambda: inner(run))
+
+
+eager_reference = switched("compiled_layers", "REFERENCE_PASS", False)  # DPO's reference through HF's eager layers
 
 
 def guarded(name: str, fn, results: dict, fallback=None) -> None:
@@ -373,11 +473,13 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
 # ---------------------------------------------------------------- profile
 
 
-def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, steps: int = 3) -> str:
+def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, steps: int = 3,
+                  trace: Optional[Path] = None) -> str:
     """Where a step of the project's SFT or DPO stage goes, in three phases of `steps` steps after
     cfg.profile_after steps (past the CUDA graphs' recordings, for a run with them):
     plain (wall time per step), torch.profiler (top ops by device time and by self CPU time), and cProfile
-    (the Python functions: a CPU-bound step shows here where its launch time is spent)."""
+    (the Python functions: a CPU-bound step shows here where its launch time is spent). `trace`: also write the
+    torch.profiler phase's Chrome trace there."""
     import cProfile
     import io
     import pstats
@@ -406,6 +508,8 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
             state["plain_ms"] = (time.perf_counter() - state["t0"]) * 1000 / steps
         elif phase == "torch":
             prof.__exit__(None, None, None)
+            if trace is not None:  # for bench.gpu_gaps: where the GPU waits in the step
+                prof.export_chrome_trace(str(trace))
         else:
             py_prof.disable()
 
@@ -466,6 +570,11 @@ def table(results: dict, card: str) -> str:
                          f"{r.get('peak_gib') or 0:8.2f} "
                          f"{r.get('steps', 0):5d} {r.get('tokens', 0):9d} {r.get('loss_at_T') or float('nan'):8.4f} "
                          f"{r.get('wall_s', 0):6.1f}  {note}")
+        paired = runs.get("paired") or {}
+        for name, p in paired.get("runs", {}).items():
+            lines.append(f"{stage} paired: {name} {p['tokens_per_s']:.0f} vs {paired['reference']} "
+                         f"{p['reference_tokens_per_s']:.0f} tok/s over {p['steps']} steps both replayed: "
+                         f"{p['ratio']:.3f}x")
         if runs.get("ratios"):
             lines.append(f"{stage} ratios: {runs['ratios']}  (loss@T: T = {runs.get('loss_tokens')} tokens)")
     return "\n".join(lines)
@@ -481,6 +590,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--runs", default=None, help="comma list of the runs to do (e.g. c,c-eager); default all")
     ap.add_argument("--profile", action="store_true",
                     help="also profile a few steps of the project's stage (each stage --only leaves on)")
+    ap.add_argument("--trace", action="store_true",
+                    help="with --profile: also write each profile's Chrome trace (read it: python -m bench.gpu_gaps)")
     ap.add_argument("--profile-runs", default="c", help="with --profile: the project runs to profile (e.g. c,c-unshared)")
     ap.add_argument("--profile-after", type=int, default=WARMUP_STEPS,
                     help="with --profile: steps before the profiled ones (e.g. 60 for c-graphs, past its recordings)")
@@ -571,6 +682,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("sft", "c-graphs", dict(fast_sft, cuda_graphs=True), None, None),
             ("sft", "c-graphs-syncs", dict(fast_sft, cuda_graphs=True, sync_free_step=False), None, None),
             ("sft", "c-graphs-workers", dict(fast_sft, cuda_graphs=True, dataloader_workers=2), None, None),
+            ("sft", "c-graphs-quiet", dict(fast_sft, cuda_graphs=True, logging_steps=1000), None, None),
+            ("sft", "c-graphs-logsync", dict(fast_sft, cuda_graphs=True), None,
+             switched("sft_loss", "LOG_ONE_STEP_LATE", False)),
+            ("sft", "c-graphs-inductor-rng", dict(fast_sft, cuda_graphs=True), None,
+             switched("compiled_layers", "ATEN_RANDOM", False)),
+            ("sft", "c-graphs-round14", dict(fast_sft, cuda_graphs=True), None,
+             both(switched("sft_loss", "LOG_ONE_STEP_LATE", False), switched("compiled_layers", "ATEN_RANDOM", False))),
             ("sft", "c-syncfree", dict(fast_sft, sync_free_step=True), None, None),
             ("sft", "c-noworkers", dict(fast_sft, dataloader_workers=0), None, None),
         ]
@@ -620,6 +738,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[stage]["runs"][name] = {"skipped": "over --budget-s"}
             continue
         guarded(name, fn, results[stage]["runs"], fallback)
+        # written so far after every run: a call cut short keeps what ran
+        (cfg.out / "train_bench.json").write_text(json.dumps(results, indent=2))
 
     for stage in ("sft", "dpo"):
         runs = results[stage]["runs"]
@@ -637,6 +757,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
         results[stage]["ratios"] = ratios
+        # Each lever run against c-graphs (else c) over the steps both replayed: the fairest same-process comparison.
+        reference = next((k for k in ("c-graphs", "c") if runs.get(k, {}).get("curve")), None)
+        if reference:
+            paired = {k: paired_rates(v["curve"], runs[reference]["curve"]) for k, v in runs.items()
+                      if k.startswith("c") and k not in ("c-warmup", reference) and v.get("curve")}
+            results[stage]["paired"] = {"reference": reference, "runs": {k: v for k, v in paired.items() if v}}
 
     profiled = set(cfg.profile_runs.split(",")) if cfg.profile else set()
     for stage, name, training, _, wrapper in variants:
@@ -646,7 +772,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if left():
             reset_memory()
             try:
-                profile = lambda: profile_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_prof", training)  # noqa: E731
+                trace = cfg.out / f"{label}_trace.json" if cfg.trace else None
+                profile = lambda: profile_stage(  # noqa: E731
+                    cfg, stage, paths[stage], cfg.work / f"{stage}_prof", training, trace=trace)
                 text = wrapper(profile) if wrapper else profile()
             except Exception as exc:
                 traceback.print_exc()

@@ -37,6 +37,12 @@ from pipeline import fused_lora, llama_ops, varlen_attention
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REFERENCE_PASS = True  # compile DPO's reference pass too (the bench switches it off to measure what it buys)
+# With cuda_graphs, the LoRA dropout draws through ATen's kernel (curand's Philox) instead of inductor's random
+# numbers generated inside its fused norm and SiLU kernels (inductor's `fallback_random`): where the GPU sets the
+# pace, a replayed step was 2.8% faster (BENCHMARKS.md round 15; the bench switches it off in c-graphs-inductor-rng).
+# Without graphs the step is bound by the host, where ATen's extra launches would cost. The replayed masks are
+# checked on a card by bench/graph_dropout_check.py (the rate, the 1 / (1 - p) scale, a fresh mask each replay).
+ATEN_RANDOM = True
 
 
 class LayerConstants(NamedTuple):
@@ -53,7 +59,8 @@ class LayerConstants(NamedTuple):
 
 
 def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.dtype) -> torch.Tensor:
-    # pipeline.fused_lora's forward: y = x W^T + s (d(x) A^T) B^T, every operand in the compute dtype
+    # pipeline.fused_lora's forward: y = x W^T + s (d(x) A^T) B^T, every operand in the compute dtype. (Summed by a
+    # plain add that inductor fuses into y's next reader instead, a step was 1.7% slower: BENCHMARKS.md round 15.)
     x = x.to(dtype)
     dropped = F.dropout(x, rate, training=True) if rate > 0 else x
     return torch.addmm(F.linear(x, weight), dropped @ lora_a.to(dtype).t(), lora_b.to(dtype).t(), alpha=scaling)
@@ -142,7 +149,7 @@ def gpu_kernels_unavailable() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled(backend: str, cuda_graphs: bool = False):
+def _compiled(backend: str, cuda_graphs: bool = False, aten_random: bool = False):
     import torch._dynamo as dynamo
 
     # One graph for all layers, a second once the packed width changes (then symbolic); a layer-0 input without
@@ -151,8 +158,12 @@ def _compiled(backend: str, cuda_graphs: bool = False):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-    options = {"triton.cudagraphs": True} if cuda_graphs else None  # inductor's option (no other backend has it)
-    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None, options=options)
+    options = {}  # inductor's options (no other backend has them)
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True
+    if aten_random:
+        options["fallback_random"] = True
+    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None, options=options or None)
 
 
 def _reference_projection(module, x: torch.Tensor) -> Optional[tuple]:
@@ -217,7 +228,8 @@ def _forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     # CUDA graphs replay the training forward and backward; the reference pass (no gradients: DPO's inline or
     # precomputed one, with its own widths) runs the compiled layers without graphs.
-    layer = _compiled(self._compiled_layer_backend, self._compiled_layer_graphs and torch.is_grad_enabled())
+    graphs = self._compiled_layer_graphs and torch.is_grad_enabled()
+    layer = _compiled(self._compiled_layer_backend, graphs, graphs and ATEN_RANDOM)
     if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled():
         # transformers checkpoints a layer by wrapping its class's forward, which this path does not call
         return self._gradient_checkpointing_func(layer, *plan)

@@ -31,8 +31,9 @@
   one recording per packed width; the packed widths are padded up to a multiple of GRAPH_WIDTH_MULTIPLE (the
   padding a segment of its own, labelled -100) so a run sees a few widths, each recorded once. 'auto': runs long
   enough to repay the recordings.
-- `sync_free_step` (SFT, packed): a step without host reads of the GPU before its log (pipeline.sft_loss); 'auto':
-  with cuda_graphs, where the GPU sets the pace and every read leaves it idle.
+- `sync_free_step` (SFT, packed): a step without host reads of the GPU (pipeline.sft_loss), its log written one
+  step late (pipeline.late_log); 'auto': with cuda_graphs, where the GPU sets the pace and every read leaves it
+  idle.
 - `dequantized_base`: the NF4 base weights dequantized once (the values bitsandbytes recomputes every call)
   and used by plain F.linear: the same model, fewer launches per step, ~2 bytes a base weight of memory.
 - `tokens_per_step`: k times the recipe's sequences per optimizer step, so a step holds ~tokens_per_step real

@@ -12,8 +12,9 @@ GPU runs, and `LinearCrossEntropy` scores only those positions through the froze
 all the logits. The loss is TRL's: the summed negative log-likelihood of the labelled tokens over the step's
 labelled-token count. TRL's metrics (entropy, token accuracy) are computed in the same chunks and kept on the GPU
 until the step's log reads them, where the Trainer reads the loss and the gradient norm: those three are the only
-reads of a step left (bench/results/sync_probe_sft_graphs_H200.txt). The real-token count comes from the
-collator, by the Trainer's own rule (tokens that are not the pad token).
+reads of a step left (bench/results/sync_probe_sft_graphs_H200.txt), and pipeline.late_log makes them one step
+late, from a copy the GPU makes behind the step, so no read waits for the step it is in. The real-token count
+comes from the collator, by the Trainer's own rule (tokens that are not the pad token).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from typing import Optional
 
 import torch
 
+from pipeline import late_log
+
 LOSS_INDEX, LOSS_TARGETS, REAL_TOKENS = "loss_index", "loss_targets", "real_tokens"
 OWN_KEYS = (LOSS_INDEX, LOSS_TARGETS, REAL_TOKENS, "labels")  # batch keys the decoder does not take
 CHUNK_LOGIT_BYTES = 2**29  # fp32 logits of one chunk: ~4k tokens at a 32k vocabulary
+LOG_ONE_STEP_LATE = True  # pipeline.late_log (the bench switches it off to measure what it buys)
 
 
 def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,14 +131,24 @@ def install(trainer) -> None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages gradients
         return loss
 
+    def take_metrics():
+        """The pending metrics' GPU scalars (entropy, correct, per batch), and how to record their values."""
+        taken = list(pending)
+        pending.clear()
+
+        def record(values: list[float]) -> None:
+            for (mode, _, _, labelled), entropy, correct in zip(taken, values[0::2], values[1::2]):
+                trainer._metrics[mode]["entropy"].append(entropy / labelled if labelled else 0.0)
+                trainer._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
+
+        return [t for _, entropy, correct, _ in taken for t in (entropy, correct)], record
+
     def log(self, logs, start_time=None):
-        # The step's metrics, read from the GPU here, where the Trainer reads the loss anyway.
-        if pending:
-            values = torch.stack([torch.stack((entropy, correct)) for _, entropy, correct, _ in pending]).tolist()
-            for (mode, _, _, labelled), (entropy, correct) in zip(pending, values):
-                self._metrics[mode]["entropy"].append(entropy / labelled if labelled else 0.0)
-                self._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
-            pending.clear()
+        # A log written at once (evaluation, a checkpoint's step, the last): the metrics are read here, where the
+        # Trainer has just read the loss.
+        tensors, record = take_metrics()
+        if tensors:
+            record(torch.stack(tensors).tolist())
         return trl_log(logs, start_time)
 
     def track_tokens(self, inputs):
@@ -145,3 +159,5 @@ def install(trainer) -> None:
     trainer.compute_loss = types.MethodType(compute_loss, trainer)
     trainer.log = types.MethodType(log, trainer)
     trainer._track_num_input_tokens = types.MethodType(track_tokens, trainer)
+    if LOG_ONE_STEP_LATE:
+        late_log.install(trainer, take_metrics, trl_log)

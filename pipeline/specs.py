@@ -147,11 +147,13 @@ class TrainingSpec(_Spec):
     )
     sync_free_step: Union[bool, Literal["auto"]] = Field(
         "auto",
-        description="SFT with padding_free: a step that never waits for the GPU before its log. The collator lists "
+        description="SFT with padding_free: a step that never waits for the GPU. The collator lists "
         "the labelled positions and counts the real tokens on the CPU, the loss scores those positions through the "
         "LM head in chunks (TRL's loss, entropy and token accuracy, the metrics read at the log), batches are "
-        "copied from pinned memory without blocking, and the per-step NaN check of the loss is off (a NaN loss is "
-        "logged as NaN). It pays where the GPU sets the pace: with cuda_graphs (BENCHMARKS.md, round 14). 'auto': "
+        "copied from pinned memory without blocking, the per-step NaN check of the loss is off (a NaN loss is "
+        "logged as NaN), and a step's log is written at the next step's end from a copy the GPU made (a "
+        "checkpoint's step and the last log at once). It pays where the GPU sets the pace: with cuda_graphs "
+        "(BENCHMARKS.md, rounds 14 and 15). 'auto': "
         "on with cuda_graphs; true: on wherever the batch is packed; false: TRL's loss.",
     )
     dequantized_base: Union[bool, Literal["auto"]] = Field(

@@ -25,3 +25,21 @@ def test_replay_rate_of_a_run_without_recordings_is_its_rate_and_carries_the_cha
     # DPO's precomputed reference pass, charged per step: 0.1 s more each step halves the rate
     assert replay_rate(points, charge_per_step=0.1) == 5_000.0
     assert replay_rate(points[:1]) is None
+
+
+def test_paired_rates_compare_the_steps_both_runs_replayed():
+    from bench.train_bench import paired_rates
+
+    def curve(step_seconds):
+        points, t = [{"step": 0, "t": 0.0, "tokens": 0}], 0.0
+        for i, seconds in enumerate(step_seconds, start=1):
+            t += seconds
+            points.append({"step": i, "t": t, "tokens": i * 1000})
+        return points
+
+    # the lever run records at step 2, the reference at step 5; steps 1, 3, 4 and 6 are compared
+    lever = curve([0.08, 3.0, 0.08, 0.08, 0.08, 0.08])
+    reference = curve([0.1, 0.1, 0.1, 0.1, 3.0, 0.1])
+    paired = paired_rates(lever, reference)
+    assert paired == {"steps": 4, "tokens_per_s": 12500.0, "reference_tokens_per_s": 10000.0, "ratio": 1.25}
+    assert paired_rates(curve([0.1]), curve([])) is None
