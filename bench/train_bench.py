@@ -207,32 +207,33 @@ def make_meter(seconds: float, max_steps: Optional[int] = None):
     return Meter()
 
 
-def replay_rate(points: list[dict], charge_per_step: float = 0.0) -> Optional[float]:
-    """Real tokens/s over the steps that took at most 3x the median step: what a long run converges to once each
-    packed width's CUDA graphs are recorded (a recording step takes 25-50x a replayed one; a run without graphs
-    has no such steps, and this is then about its whole rate)."""
-    steps = [(b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(points, points[1:])]
+def replayed_steps(points: list[dict]) -> dict[int, tuple[float, int]]:
+    """Each step's (seconds, real tokens), keyed by its step number (else its position), for the steps that took at
+    most 3x the run's median step: a run with CUDA graphs without its recording steps (25-50x a replayed one)."""
+    steps = {b.get("step", i): (b["t"] - a["t"], b["tokens"] - a["tokens"])
+             for i, (a, b) in enumerate(zip(points, points[1:]), start=1)}
     if not steps:
+        return {}
+    limit = 3 * statistics.median(seconds for seconds, _ in steps.values())
+    return {k: v for k, v in steps.items() if v[0] <= limit}
+
+
+def replay_rate(points: list[dict], charge_per_step: float = 0.0) -> Optional[float]:
+    """Real tokens/s over the replayed steps: what a long run converges to once each packed width's CUDA graphs
+    are recorded (a run without graphs has no recording steps, and this is then about its whole rate)."""
+    kept = replayed_steps(points).values()
+    if not kept:
         return None
-    limit = 3 * statistics.median(seconds for seconds, _ in steps)
-    kept = [(seconds + charge_per_step, tokens) for seconds, tokens in steps if seconds <= limit]
-    return round(sum(tokens for _, tokens in kept) / sum(seconds for seconds, _ in kept), 1)
+    return round(sum(tokens for _, tokens in kept) / sum(seconds + charge_per_step for seconds, _ in kept), 1)
 
 
 def paired_rates(curve: list[dict], reference: list[dict]) -> Optional[dict]:
-    """Two runs' real tokens/s over the same steps: those that both replayed (each at most 3x its run's median step).
+    """Two runs' real tokens/s over the same steps: those that both replayed.
 
     Runs of one process start from the same data order, so step k packs the same rows in both: comparing them
     over the same steps takes out the difference in which steps each run's recordings fell on, which moves a short
     run's replay rate by several percent."""
-    def steps(points: list[dict]) -> dict[int, tuple[float, int]]:
-        timed = {b["step"]: (b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(points, points[1:])}
-        if not timed:
-            return {}
-        limit = 3 * statistics.median(seconds for seconds, _ in timed.values())
-        return {k: v for k, v in timed.items() if v[0] <= limit}
-
-    mine, theirs = steps(curve), steps(reference)
+    mine, theirs = replayed_steps(curve), replayed_steps(reference)
     common = [k for k in mine if k in theirs]
     if not common:
         return None
