@@ -17,7 +17,7 @@ trainer state and the run's final metrics hold every step.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,15 +31,14 @@ class _Staged:
     values: torch.Tensor  # on the host: loss sum, [gradient norm], the stage's metrics
     ready: Optional[Any]  # a CUDA event behind the copy (None on a CPU)
     steps: int  # optimizer steps the loss sum covers
-    grad_norm: Optional[float]  # when the Trainer gave a number rather than a tensor (None: in `values`, if any)
-    has_grad_norm_tensor: bool
+    has_grad_norm: bool
     learning_rate: float
     start_time: Optional[float]
     step: int
     epoch: Optional[float]
     tokens: int
-    metrics: dict = field(default_factory=dict)  # the stage's trainer._metrics["train"] as the step left them
-    record_metrics: Callable[[list[float]], None] = lambda values: None
+    metrics: dict  # trainer._metrics["train"] as the step left it
+    record_metrics: Callable[[list[float]], None]
 
 
 def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, Optional[Any]]:
@@ -66,24 +65,19 @@ def install(trainer, take_metrics: TakeMetrics, write_log: Callable[[dict, Optio
 
     def stage(self, tr_loss, grad_norm, learning_rate, start_time) -> None:
         metric_tensors, record = take_metrics()
-        scalars = [nested_gather(tr_loss, self.args.parallel_mode).mean()]
-        grad_norm_tensor = isinstance(grad_norm, torch.Tensor)
-        if grad_norm_tensor:
-            scalars.append(grad_norm)
+        loss = nested_gather(tr_loss, self.args.parallel_mode).mean()
+        scalars = [loss] + ([] if grad_norm is None else [torch.as_tensor(grad_norm, device=loss.device)])
         scalars += metric_tensors
-        device = scalars[0].device
-        host, ready = _to_host(torch.stack([s.detach().to(device, torch.float32).reshape(()) for s in scalars]))
+        # float64 holds every value exactly as the Trainer would have read it (float32 tensors, Python floats)
+        host, ready = _to_host(torch.stack([s.detach().to(loss.device, torch.float64).reshape(()) for s in scalars]))
         tr_loss -= tr_loss  # as the Trainer does once it has read it
-        metrics = self._metrics["train"] if hasattr(self, "_metrics") else None
         staged.append(_Staged(
             values=host, ready=ready, steps=self.state.global_step - self._globalstep_last_logged,
-            grad_norm=None if grad_norm_tensor else grad_norm, has_grad_norm_tensor=grad_norm_tensor,
+            has_grad_norm=grad_norm is not None,
             learning_rate=learning_rate if learning_rate is not None else self._get_learning_rate(),
             start_time=start_time, step=self.state.global_step, epoch=self.state.epoch,
-            tokens=self.state.num_input_tokens_seen,
-            metrics={k: list(v) for k, v in metrics.items()} if metrics is not None else {}, record_metrics=record))
-        if metrics is not None:
-            metrics.clear()
+            tokens=self.state.num_input_tokens_seen, metrics=self._metrics["train"], record_metrics=record))
+        self._metrics["train"] = type(self._metrics["train"])(list)  # the next steps' metrics start empty
         self._globalstep_last_logged = self.state.global_step
         self.store_flos()
 
@@ -93,25 +87,19 @@ def install(trainer, take_metrics: TakeMetrics, write_log: Callable[[dict, Optio
         values = entry.values.tolist()
         loss, rest = values[0], values[1:]
         logs = {"loss": loss / entry.steps}
-        if entry.has_grad_norm_tensor:
+        if entry.has_grad_norm:
             logs["grad_norm"] = rest.pop(0)
-        elif entry.grad_norm is not None:
-            logs["grad_norm"] = entry.grad_norm
         logs["learning_rate"] = entry.learning_rate
         self._total_loss_scalar += loss
         state = self.state
-        now = (state.global_step, state.epoch, state.num_input_tokens_seen)
-        current_metrics = self._metrics["train"] if hasattr(self, "_metrics") else None
+        now = (state.global_step, state.epoch, state.num_input_tokens_seen, self._metrics["train"])
         state.global_step, state.epoch, state.num_input_tokens_seen = entry.step, entry.epoch, entry.tokens
-        if current_metrics is not None:
-            self._metrics["train"] = type(current_metrics)(list, entry.metrics)
+        self._metrics["train"] = entry.metrics
         try:
             entry.record_metrics(rest)
             write_log(logs, entry.start_time)
         finally:
-            state.global_step, state.epoch, state.num_input_tokens_seen = now
-            if current_metrics is not None:
-                self._metrics["train"] = current_metrics
+            state.global_step, state.epoch, state.num_input_tokens_seen, self._metrics["train"] = now
 
     def maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                                 learning_rate=None):
