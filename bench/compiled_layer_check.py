@@ -55,7 +55,7 @@ def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[
     from pipeline import fast
 
     collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
-                                      width_multiple=fast.GRAPH_WIDTH_MULTIPLE if graphs else 0)
+                                      width_multiple=fast.GRAPH_WIDTH_MULTIPLE if graphs else 0, max_sequence=2048)
     generator = torch.Generator().manual_seed(1)
     batches = []
     for row in lengths:

@@ -17,6 +17,8 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
      (off at this run size).
   c-warmup  c run once first, not compared: it takes the compiles of the first project run (its
      first_step_s shows what they cost; DPO's packed shapes add a recompile of the layer graph).
+  c-graphs-warmup  c-graphs run once first, not compared: the compiles of the layers for CUDA graphs (inductor's
+     options differ, so c-warmup does not take them) and of the loss.
   c-eager  c with torch_compile=false: HF's eager layers, one autograd function per LoRA projection or group,
      Liger's RoPE (the default before round 11).
   c-graphs  c with cuda_graphs=true: the compiled layers replayed as CUDA graphs, packed widths padded to a multiple
@@ -30,6 +32,12 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
   c-graphs-inductor-rng (SFT)  c-graphs with the LoRA dropout drawn by inductor's fused kernels
      (compiled_layers.ATEN_RANDOM off; before round 15).
   c-graphs-round14 (SFT)  both of the above: c-graphs as round 14 left it.
+  c-graphs-addmm-copy (SFT)  c-graphs with each LoRA term summed by torch.addmm, which copies the base GEMM's output
+     first (compiled_layers.LORA_SUM_IN_PLACE off; before round 16).
+  c-graphs-eager-loss (SFT)  c-graphs with the loss's chunks eager (sft_loss.COMPILE_LOSS off; before round 16).
+  c-graphs-width-bound (SFT)  c-graphs with varlen attention's max_length the packed width (fast.GRAPH_ATTENTION_BOUND
+     off; before round 16).
+  c-graphs-round15 (SFT, DPO)  the three above (DPO: the first and the last): c-graphs as round 15 left it.
   c-syncfree (SFT)  c with sync_free_step=true, without graphs.
   c-noworkers  c with dataloader_workers=0: batches collated in the training process, between steps (before
      round 13).
@@ -440,12 +448,22 @@ def switched(module: str, name: str, value):
     return wrapper
 
 
-def both(outer, inner):
-    """Two run wrappers as one."""
-    return lambda run: outer(lambda: inner(run))
+def compared(name: str) -> bool:
+    """A project run whose rate is compared (c and its lever runs; not the warm-up runs)."""
+    return name.startswith("c") and not name.endswith("-warmup")
+
+
+def both(outer, *inner):
+    """Run wrappers as one."""
+    if not inner:
+        return outer
+    rest = both(*inner)
+    return lambda run: outer(lambda: rest(run))
 
 
 eager_reference = switched("compiled_layers", "REFERENCE_PASS", False)  # DPO's reference through HF's eager layers
+addmm_copy = switched("compiled_layers", "LORA_SUM_IN_PLACE", False)  # LoRA summed by addmm (copies x W^T first)
+width_bound = switched("fast", "GRAPH_ATTENTION_BOUND", False)  # graphs' attention bounded by the packed width
 
 
 def guarded(name: str, fn, results: dict, fallback=None) -> None:
@@ -596,7 +614,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profile-runs", default="c", help="with --profile: the project runs to profile (e.g. c,c-unshared)")
     ap.add_argument("--profile-after", type=int, default=WARMUP_STEPS,
                     help="with --profile: steps before the profiled ones (e.g. 60 for c-graphs, past its recordings)")
-    ap.add_argument("--repeat", type=int, default=1, help="run the project's runs (not c-warmup) this many times")
+    ap.add_argument("--repeat", type=int, default=1, help="run the project's runs (not the warm-ups) this many times")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     ap.add_argument("--width-multiple", type=int, default=None,
                     help="cuda_graphs' packed-width multiple (default pipeline.fast.GRAPH_WIDTH_MULTIPLE)")
@@ -678,6 +696,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if sft_on:
         variants += [
             ("sft", "c-warmup", fast_sft, None, None),
+            ("sft", "c-graphs-warmup", dict(fast_sft, cuda_graphs=True), None, None),
             ("sft", "c", fast_sft, dict(fast_sft, use_liger_kernel=False), None),
             ("sft", "c-eager", dict(fast_sft, torch_compile=False), None, None),
             ("sft", "c-graphs", dict(fast_sft, cuda_graphs=True), None, None),
@@ -690,6 +709,12 @@ def main(argv: Optional[list[str]] = None) -> int:
              switched("compiled_layers", "ATEN_RANDOM", False)),
             ("sft", "c-graphs-round14", dict(fast_sft, cuda_graphs=True), None,
              both(switched("sft_loss", "LOG_ONE_STEP_LATE", False), switched("compiled_layers", "ATEN_RANDOM", False))),
+            ("sft", "c-graphs-round15", dict(fast_sft, cuda_graphs=True), None,
+             both(addmm_copy, width_bound, switched("sft_loss", "COMPILE_LOSS", False))),
+            ("sft", "c-graphs-addmm-copy", dict(fast_sft, cuda_graphs=True), None, addmm_copy),
+            ("sft", "c-graphs-eager-loss", dict(fast_sft, cuda_graphs=True), None,
+             switched("sft_loss", "COMPILE_LOSS", False)),
+            ("sft", "c-graphs-width-bound", dict(fast_sft, cuda_graphs=True), None, width_bound),
             ("sft", "c-syncfree", dict(fast_sft, sync_free_step=True), None, None),
             ("sft", "c-noworkers", dict(fast_sft, dataloader_workers=0), None, None),
         ]
@@ -697,9 +722,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         inline = dict(fast_dpo, precompute_ref_log_probs=False)
         variants += [
             ("dpo", "c-warmup", fast_dpo, None, None),
+            ("dpo", "c-graphs-warmup", dict(fast_dpo, cuda_graphs=True), None, None),
             ("dpo", "c", fast_dpo, dict(fast_dpo, use_liger_kernel=False), None),
             ("dpo", "c-eager", dict(fast_dpo, torch_compile=False), None, None),
             ("dpo", "c-graphs", dict(fast_dpo, cuda_graphs=True), None, None),
+            ("dpo", "c-graphs-round15", dict(fast_dpo, cuda_graphs=True), None, both(addmm_copy, width_bound)),
             ("dpo", "c-unshared", dict(fast_dpo, share_prompt=False), None, None),
             ("dpo", "c-noworkers", dict(fast_dpo, dataloader_workers=0), None, None),
             ("dpo", "c-inline", inline, None, None),
@@ -731,7 +758,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = [entry for entry in plan if entry[1] in wanted]
     # --repeat: the project's runs again, in the same order (c, c-x, c, c-x, ...), as name#2, name#3: a host whose
     # speed drifts over minutes shows as a spread between repeats rather than as a difference between runs.
-    repeated = [entry for entry in plan if entry[1].startswith("c") and entry[1] != "c-warmup"]
+    repeated = [entry for entry in plan if compared(entry[1])]
     for k in range(2, cfg.repeat + 1):
         plan += [(stage, f"{name}#{k}", fn, fallback) for stage, name, fn, fallback in repeated]
     for stage, name, fn, fallback in plan:
@@ -753,7 +780,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 v["loss_at_T"] = loss_at(v["curve"], common)
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
-        for num in (k for k in runs if k.startswith("c") and k != "c-warmup"):  # c and its lever runs
+        for num in filter(compared, runs):  # c and its lever runs
             for den in ("a", "b"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
@@ -762,12 +789,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         reference = next((k for k in ("c-graphs", "c") if runs.get(k, {}).get("curve")), None)
         if reference:
             paired = {k: paired_rates(v["curve"], runs[reference]["curve"]) for k, v in runs.items()
-                      if k.startswith("c") and k not in ("c-warmup", reference) and v.get("curve")}
+                      if compared(k) and k != reference and v.get("curve")}
             results[stage]["paired"] = {"reference": reference, "runs": {k: v for k, v in paired.items() if v}}
 
     profiled = set(cfg.profile_runs.split(",")) if cfg.profile else set()
     for stage, name, training, _, wrapper in variants:
-        if name not in profiled or name == "c-warmup":
+        if name not in profiled or not compared(name):
             continue
         label = f"profile_{stage}" + ("" if name == "c" else f"_{name}")
         if left():

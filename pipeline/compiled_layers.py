@@ -43,6 +43,10 @@ REFERENCE_PASS = True  # compile DPO's reference pass too (the bench switches it
 # Without graphs the step is bound by the host, where ATen's extra launches would cost. The replayed masks are
 # checked on a card by bench/graph_dropout_check.py (the rate, the 1 / (1 - p) scale, a fresh mask each replay).
 ATEN_RANDOM = True
+# Each projection's LoRA term added by its GEMM into the base GEMM's output (lora_linear), not by torch.addmm, which
+# copies that output first (BENCHMARKS.md round 16; the bench switches it off in c-graphs-addmm-copy). Dynamo guards
+# on this flag: a change recompiles.
+LORA_SUM_IN_PLACE = True
 
 
 class LayerConstants(NamedTuple):
@@ -58,12 +62,49 @@ class LayerConstants(NamedTuple):
     varlen: tuple[tuple[str, object], ...]  # varlen_attn's causal keyword arguments (CUDA); () on a CPU
 
 
+@torch.library.custom_op("tinyllama_mcp::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """x W^T + s xa B^T, the LoRA term accumulated by its GEMM into the base GEMM's output.
+
+    One op so that the compiled graph calls the two GEMMs as they are: written as torch.addmm(x W^T, xa, B^T),
+    inductor first copied x W^T into a new buffer for addmm's output, 176 copies of a projection's output a step
+    (H200 profile, BENCHMARKS.md round 16)."""
+    return torch.mm(x, weight.t()).addmm_(xa, lora_b.t(), alpha=scaling)
+
+
+@lora_linear.register_fake
+def _lora_linear_shape(x, weight, xa, lora_b, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _lora_linear_saved(ctx, inputs, output) -> None:
+    _x, weight, xa, lora_b, scaling = inputs
+    ctx.save_for_backward(weight, xa, lora_b)
+    ctx.scaling = scaling
+
+
+def _lora_linear_backward(ctx, grad: torch.Tensor):
+    weight, xa, lora_b = ctx.saved_tensors
+    need_x, _, need_xa, need_b, _ = ctx.needs_input_grad
+    grad_x = grad @ weight if need_x else None  # (the base weight is frozen: no gradient)
+    grad_xa = (grad @ lora_b) * ctx.scaling if need_xa else None
+    grad_b = (grad.t() @ xa) * ctx.scaling if need_b else None
+    return grad_x, None, grad_xa, grad_b, None
+
+
+lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_saved)
+
+
 def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.dtype) -> torch.Tensor:
     # pipeline.fused_lora's forward: y = x W^T + s (d(x) A^T) B^T, every operand in the compute dtype. (Summed by a
     # plain add that inductor fuses into y's next reader instead, a step was 1.7% slower: BENCHMARKS.md round 15.)
     x = x.to(dtype)
     dropped = F.dropout(x, rate, training=True) if rate > 0 else x
-    return torch.addmm(F.linear(x, weight), dropped @ lora_a.to(dtype).t(), lora_b.to(dtype).t(), alpha=scaling)
+    xa, lora_b = dropped @ lora_a.to(dtype).t(), lora_b.to(dtype)
+    if LORA_SUM_IN_PLACE:
+        return lora_linear(x, weight, xa, lora_b, scaling)
+    return torch.addmm(F.linear(x, weight), xa, lora_b.t(), alpha=scaling)
 
 
 def layer_forward(h, cos, sin, cu, max_len, keys, mask, norms, weights, loras, constants: LayerConstants) -> torch.Tensor:

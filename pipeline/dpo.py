@@ -113,7 +113,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
     unmask = None
     if levers.padding_free and levers.varlen_attention:
         trainer.data_collator = dpo_packing.PackedPairsCollator(trainer.data_collator, levers.width_multiple,
-                                                                levers.share_prompt)
+                                                                levers.share_prompt, spec.training.max_length)
         padding = dpo_packing.packing(trainer.model)
     else:
         padding = contextlib.nullcontext()

@@ -54,13 +54,15 @@ class PackedPairsCollator:
     it takes: a shared prefix feeds two rows), packed_key_index (with shared prefixes only).
 
     `width_multiple` (lever cuda_graphs): the packed row gets `packed_padding` pad tokens, a segment of their own,
-    up to a multiple of it (the gathered keys too), and max_length_q/_k are the widths, as in
-    fast.PackedRowsCollator.
+    up to a multiple of it (the gathered keys too), and max_length_q/_k are bounds on every segment known before the
+    run (fast.graph_attention_bound): the longer of `max_sequence` (the stage's max_length, which bounds a row) and
+    the padding's most (the multiple for the queries, twice it for the keys), as in fast.PackedRowsCollator.
     """
 
     inner: Any
     width_multiple: int = 0
     share_prompt: bool = False
+    max_sequence: int = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(examples)
@@ -116,8 +118,13 @@ class PackedPairsCollator:
         cu_k = torch.tensor([0, *itertools.accumulate(k_segments)], dtype=torch.int32) if sharing else cu_q
         if sharing:
             batch["packed_key_index"] = torch.cat(keys)
-        longest_q = padded if self.width_multiple else max(q_segments)
-        longest_k = int(cu_k[-1]) if self.width_multiple else max(k_segments)
+        longest_q, longest_k = max(q_segments), max(k_segments)
+        if self.width_multiple:
+            known = self.max_sequence > 0
+            longest_q = fast.graph_attention_bound(
+                q_segments, max(self.max_sequence, self.width_multiple) if known else 0, padded)
+            longest_k = fast.graph_attention_bound(
+                k_segments, max(self.max_sequence, 2 * self.width_multiple) if known else 0, int(cu_k[-1]))
         batch.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=longest_q, max_length_k=longest_k)
         return batch
 

@@ -64,6 +64,9 @@ COMPILE_MIN_TOKENS = 3_000_000
 # cuda_graphs: a graph is recorded per packed width, so widths are rounded up to this multiple: the recipe's 8 chat
 # rows pack to ~2k-10k tokens, ~8 widths of 1,024 (~512 pad tokens a step on average).
 GRAPH_WIDTH_MULTIPLE = 1024
+# cuda_graphs: varlen attention's max_length a bound known before the run, not the width (graph_attention_bound; the
+# bench switches it off in c-graphs-width-bound)
+GRAPH_ATTENTION_BOUND = True
 # 'auto' replays CUDA graphs only for runs that repay the recordings (one per packed width; DPO's shared prompts add
 # key widths). H200, round 14: a run's recordings took ~22 s (SFT, ~8 widths) and ~25-29 s (DPO, ~11 width pairs) in
 # all, and replays then saved ~2.3 us a real token (SFT: 49.5k -> 55.9k tok/s) and 2.2-5.5 us (DPO's steps): paid back
@@ -552,6 +555,17 @@ def padded_width(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple if multiple else tokens
 
 
+def graph_attention_bound(segments: list[int], bound: int, width: int) -> int:
+    """max_length_q/_k of a packed batch replayed as CUDA graphs: `bound` (or the width, when smaller) if no
+    segment exceeds it, else the width. A bound known before the run (the stage's max_length, the padding's most)
+    is the same int for most batches, so the graphs need no new int per batch; and the flash kernels launch a
+    block per 128 tokens of it for every segment, so the width (up to ~10k tokens) would launch mostly blocks
+    that find their segment ended and exit."""
+    if not GRAPH_ATTENTION_BOUND:
+        return width
+    return min(bound, width) if bound and max(segments, default=0) <= bound else width
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing: indices of sequences grouped into rows of at most `capacity` tokens.
 
@@ -584,8 +598,10 @@ class PackedRowsCollator:
     padding is a segment of its own) and max_length_q/_k (an int). With `loss_positions`, also the labelled
     positions and the real-token count that the sync-free loss takes from the CPU (pipeline.sft_loss).
 
-    `width_multiple` (lever cuda_graphs): rows are padded to a multiple of it, and max_length_q/_k is the row
-    width (a bound on every segment), so a batch's shapes and ints are the same for every batch of one width.
+    `width_multiple` (lever cuda_graphs): rows are padded to a multiple of it, and max_length_q/_k is a bound on
+    every segment known before the run (graph_attention_bound): the longer of `max_sequence` (the stage's
+    max_length) and the width multiple (a padding segment is shorter), so a batch's shapes and ints are the same
+    for every batch of one width.
     """
 
     pad_token_id: int
@@ -593,6 +609,7 @@ class PackedRowsCollator:
     cu_seq_lens: bool = False
     width_multiple: int = 0
     loss_positions: bool = False
+    max_sequence: int = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(e["input_ids"]) for e in examples]
@@ -621,7 +638,11 @@ class PackedRowsCollator:
         batch = {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
         if self.cu_seq_lens:
             cu = torch.tensor(bounds, dtype=torch.int32)
-            longest = width if self.width_multiple else max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+            segments = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            longest = max(segments)
+            if self.width_multiple:
+                bound = max(self.max_sequence, self.width_multiple) if self.max_sequence else 0
+                longest = graph_attention_bound(segments, bound, width)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if self.loss_positions:  # lever sync_free_step: what the loss and the token count need, from the CPU
             batch.update(sft_loss.loss_positions(out_labels))

@@ -69,7 +69,7 @@ class LoraProjections(torch.autograd.Function):
             dropped, mask = torch.native_dropout(x2, rate, True) if rate > 0 else (x2, None)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = dropped @ a.t()
-            y = torch.addmm(F.linear(x2, weight, bias), xa, b.t(), alpha=scaling)
+            y = F.linear(x2, weight, bias).addmm_(xa, b.t(), alpha=scaling)  # (addmm would copy x W^T first)
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
             saved += [dropped, mask, xa, a, b]
         ctx.save_for_backward(*saved)

@@ -45,7 +45,8 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
             capacity = levers.batch_size * spec.training.max_length
         collator = fast.PackedRowsCollator(pad_token_id=tokenizer.pad_token_id, capacity=capacity,
                                            cu_seq_lens=levers.varlen_attention, width_multiple=levers.width_multiple,
-                                           loss_positions=levers.sync_free_step)
+                                           loss_positions=levers.sync_free_step,
+                                           max_sequence=spec.training.max_length)
     summary: dict = {}
     set_seed(spec.training.seed)  # LoRA init draws from the RNG: same seed, same adapter init
     trainer = SFTTrainer(
@@ -60,7 +61,7 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     )
     training.prepare_model(trainer, dtype, levers)
     if levers.sync_free_step:
-        sft_loss.install(trainer)
+        sft_loss.install(trainer, compiled=levers.torch_compile)
     effective = training.base_effective(dtype, spec.training, len(train_rows), levers)
     attention = varlen_attention.use(trainer.model) if levers.varlen_attention else contextlib.nullcontext()
     with attention:  # training and the eval loss only: generation afterwards keeps sdpa and its masks

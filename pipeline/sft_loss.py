@@ -19,6 +19,7 @@ comes from the collator, by the Trainer's own rule (tokens that are not the pad 
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Optional
 
@@ -30,6 +31,7 @@ LOSS_INDEX, LOSS_TARGETS, REAL_TOKENS = "loss_index", "loss_targets", "real_toke
 OWN_KEYS = (LOSS_INDEX, LOSS_TARGETS, REAL_TOKENS, "labels")  # batch keys the decoder does not take
 CHUNK_LOGIT_BYTES = 2**29  # fp32 logits of one chunk: ~4k tokens at a 32k vocabulary
 LOG_ONE_STEP_LATE = True  # pipeline.late_log (the bench switches it off to measure what it buys)
+COMPILE_LOSS = True  # with torch_compile, the loss's chunks compiled (the bench switches it off in c-graphs-eager-loss)
 
 
 def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -44,6 +46,31 @@ def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {LOSS_INDEX: index, LOSS_TARGETS: following.masked_select(valid)}
 
 
+def chunk_scores(part: torch.Tensor, weight: torch.Tensor, wanted: torch.Tensor, with_grad: bool):
+    """One chunk of LinearCrossEntropy: the summed NLL of `wanted` (n, 1) under softmax(part @ weight.T), the count
+    of top-1 hits, the summed entropy, and (with_grad) the gradient of the NLL sum with respect to `part`.
+
+    Written without in-place steps so that, compiled (lever torch_compile), inductor can fuse the softmax, the
+    metrics and the gradient into a few passes over the logits; eager, each line is its own kernel."""
+    logits = (part @ weight.T).float()
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    nll = (log_norm - logits.gather(1, wanted)).sum()
+    correct = (logits.argmax(dim=-1, keepdim=True) == wanted).sum()
+    log_probs = logits - log_norm
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum()
+    if not with_grad:
+        return nll, correct, entropy, None
+    hit = torch.arange(probs.shape[1], device=probs.device) == wanted  # softmax minus the one-hot target
+    return nll, correct, entropy, torch.where(hit, probs - 1, probs).to(weight.dtype) @ weight
+
+
+@functools.cache
+def compiled_chunk_scores(backend: str = "inductor"):
+    # dynamic: a step's last chunk has its own row count
+    return torch.compile(chunk_scores, backend=backend, dynamic=True, fullgraph=True)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of -log softmax(hidden @ weight.T)[target], chunk by chunk, for a frozen LM head.
 
@@ -51,27 +78,24 @@ class LinearCrossEntropy(torch.autograd.Function):
     whose most likely prediction is the target (TRL's logged metrics). The gradient with respect to `hidden` is
     computed in the forward, chunk by chunk, while the chunk's logits are at hand (softmax minus one-hot, times
     the weight), so the backward only scales it: no logits are kept. The logits are the LM head's in the
-    model's dtype, scored in fp32, as transformers' loss does.
+    model's dtype, scored in fp32, as transformers' loss does. `scores`: chunk_scores or its compiled form.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scores=chunk_scores):
         if ctx.needs_input_grad[1]:  # (the stages never train the head: LoRA targets the decoder's projections)
             raise ValueError("LinearCrossEntropy scores a frozen LM head; this one is trained (use TRL's loss)")
         chunk = max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
         total, entropy, correct = (torch.zeros((), dtype=torch.float32, device=hidden.device) for _ in range(3))
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
-            part, wanted = hidden[start : start + chunk], targets[start : start + chunk, None]
-            logits = (part @ weight.T).float()
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (log_norm - logits.gather(1, wanted)).sum()
-            correct += (logits.argmax(dim=-1, keepdim=True) == wanted).sum()
-            probs = logits.sub_(log_norm).exp_()
-            entropy += torch.special.entr(probs).sum()
+            nll, hits, spread, part_grad = scores(hidden[start : start + chunk], weight,
+                                                  targets[start : start + chunk, None], grad is not None)
+            total += nll
+            correct += hits
+            entropy += spread
             if grad is not None:
-                probs.scatter_add_(1, wanted, probs.new_full(wanted.shape, -1.0))
-                grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+                grad[start : start + chunk] = part_grad
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(entropy, correct)
         return total, entropy, correct
@@ -79,7 +103,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor, _grad_entropy, _grad_correct):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None
+        return grad * grad_total.to(grad.dtype), None, None, None
 
 
 def unsupported(model) -> Optional[str]:
@@ -99,11 +123,13 @@ def unsupported(model) -> Optional[str]:
     return None
 
 
-def install(trainer) -> None:
+def install(trainer, compiled: bool = False) -> None:
     """Give an SFTTrainer the sync-free loss, metrics and token count for batches that carry `loss_positions`.
 
-    Other batches (evaluation asking for outputs, a collator without the positions) keep TRL's.
+    Other batches (evaluation asking for outputs, a collator without the positions) keep TRL's. `compiled` (lever
+    torch_compile): the loss's chunks run compiled by inductor.
     """
+    scores = compiled_chunk_scores() if compiled and COMPILE_LOSS else chunk_scores
     from pipeline.fast import decoder_of
 
     trl_compute_loss, trl_log, hf_track_tokens = trainer.compute_loss, trainer.log, trainer._track_num_input_tokens
@@ -118,7 +144,7 @@ def install(trainer) -> None:
             hidden = decoder_of(model)(**forward, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs[LOSS_INDEX])
         head = model.get_output_embeddings()
-        total, entropy, correct = LinearCrossEntropy.apply(hidden, head.weight, inputs[LOSS_TARGETS])
+        total, entropy, correct = LinearCrossEntropy.apply(hidden, head.weight, inputs[LOSS_TARGETS], scores)
         labelled = inputs[LOSS_INDEX].numel()
         mode = "train" if self.model.training else "eval"
         pending.append((mode, entropy, correct, labelled))

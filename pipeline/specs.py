@@ -129,7 +129,7 @@ class TrainingSpec(_Spec):
         description="Run each decoder layer's training forward (norms, RoPE, attention, SwiGLU and the seven LoRA "
         "projections) as one torch.compile'd function shared by all layers (pipeline.compiled_layers), and DPO's "
         "reference pass (the adapter off) as its own inference graph: far fewer kernel launches in a step bound by "
-        "them. Needs packed batches (padding_free with varlen_attention) and a Llama-shaped model; the first step pays the compile (15-20 s on an H200). 'auto': on with CUDA, without "
+        "them; with sync_free_step, SFT's chunked loss is compiled too. Needs packed batches (padding_free with varlen_attention) and a Llama-shaped model; the first step pays the compile (15-20 s on an H200). 'auto': on with CUDA, without "
         "gradient checkpointing, for runs of at least 3M real tokens (where the compile pays back); false: HF's "
         "eager layers.",
     )

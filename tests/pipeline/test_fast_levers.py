@@ -73,6 +73,15 @@ def test_packed_collator_sequence_boundaries_for_varlen():
     assert padded["input_ids"].tolist() == [[10, 11, 12, 20, 21, 3, 3, 3]]
     assert padded["labels"].tolist() == [[-100, 11, 12, -100, 21, -100, -100, -100]]
     assert padded["cu_seq_lens_q"].tolist() == [0, 3, 5, 8] and padded["max_length_q"] == 8
+    # ... unless the stage's max_length is known: then max_length is a bound on every segment fixed before the run,
+    # the longer of it and the multiple (which bounds the padding), where no segment exceeds it
+    def bounded(lengths, max_sequence):
+        return fast.PackedRowsCollator(pad_token_id=3, capacity=100, cu_seq_lens=True, width_multiple=4,
+                                       max_sequence=max_sequence)([{"input_ids": [9] * n} for n in lengths])
+    assert bounded([3, 2], max_sequence=3)["max_length_q"] == bounded([3, 2], max_sequence=3)["max_length_k"] == 4
+    assert bounded([3, 2], max_sequence=6)["max_length_q"] == 6
+    assert bounded([5, 2], max_sequence=2)["max_length_q"] == 8  # a sequence longer than max_length: the width
+    assert bounded([1, 1], max_sequence=6)["max_length_q"] == 4  # never more than the width
 
 
 def test_resolve_fuses_accumulation_within_the_token_budget(tiny_demo):
@@ -696,17 +705,23 @@ def test_shared_prompts_give_the_padded_hidden_states_and_gradients(demo_model):
 
     padded, padded_grad = outputs_and_grad(dict(input_ids=batch["input_ids"], attention_mask=mask), pack=False)
     real = mask.bool()
-    for width_multiple in (0, 32):
+    for width_multiple, max_sequence in ((0, 0), (32, 0), (32, 24)):
         shared_batch = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0), width_multiple,
-                                                       share_prompt=True)(examples)
+                                                       share_prompt=True, max_sequence=max_sequence)(examples)
         packed, packed_grad = outputs_and_grad({k: v for k, v in shared_batch.items() if k != "completion_mask"},
                                                pack=True)
         assert torch.allclose(packed[real], padded[real], rtol=1e-4, atol=1e-5), width_multiple
         assert not packed[~real].any()
         assert torch.allclose(packed_grad, padded_grad, rtol=1e-3, atol=1e-6), width_multiple
         if width_multiple:
-            assert shared_batch["max_length_q"] % 32 == 0 and shared_batch["max_length_k"] % 32 == 0
             assert shared_batch["packed_padding"] >= 1
+            segments = {side: shared_batch[f"cu_seq_lens_{side}"].diff() for side in "qk"}
+            if max_sequence:  # (the rows are 21 tokens at most) bounds fixed before the run: max(24, 32), max(24, 64)
+                assert (shared_batch["max_length_q"], shared_batch["max_length_k"]) == (32, 64)
+                assert all(int(segments[side].max()) <= shared_batch[f"max_length_{side}"] for side in "qk")
+            else:  # the widths
+                assert shared_batch["max_length_q"] == int(shared_batch["cu_seq_lens_q"][-1]) == 64
+                assert shared_batch["max_length_k"] == int(shared_batch["cu_seq_lens_k"][-1])
 
 
 def test_quick_adapter_switch_is_peft_switch(tiny_demo):
@@ -1052,9 +1067,11 @@ def test_sft_torch_compile_learns_the_same(tmp_path):
 # ---------------------------------------------------------------- sync_free_step (SFT)
 
 
-def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch, compiled):
     """The chunked LM-head loss: the summed cross-entropy, its gradient, and TRL's entropy and top-1 counts, over
-    several chunks (a chunk of 4 tokens here)."""
+    several chunks (a chunk of 4 tokens here, the last of 3), eager and compiled by inductor (here its CPU kernels;
+    the chunks' two row counts run through one dynamic graph)."""
     from pipeline import sft_loss
 
     monkeypatch.setattr(sft_loss, "CHUNK_LOGIT_BYTES", 4 * 4 * 50)  # 4 tokens a chunk at 50 logits
@@ -1062,7 +1079,8 @@ def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch):
     hidden = torch.randn(11, 16, requires_grad=True)
     weight = torch.randn(50, 16)
     targets = torch.randint(0, 50, (11,))
-    total, entropy, correct = sft_loss.LinearCrossEntropy.apply(hidden, weight, targets)
+    scores = sft_loss.compiled_chunk_scores() if compiled else sft_loss.chunk_scores
+    total, entropy, correct = sft_loss.LinearCrossEntropy.apply(hidden, weight, targets, scores)
     (total * 0.5).backward()
 
     ref_hidden = hidden.detach().clone().requires_grad_()
