@@ -101,10 +101,10 @@ def _lora(x, weight, lora_a, lora_b, scaling: float, rate: float, dtype: torch.d
     # plain add that inductor fuses into y's next reader instead, a step was 1.7% slower: BENCHMARKS.md round 15.)
     x = x.to(dtype)
     dropped = F.dropout(x, rate, training=True) if rate > 0 else x
-    xa, lora_b = dropped @ lora_a.to(dtype).t(), lora_b.to(dtype)
+    xa, b = dropped @ lora_a.to(dtype).t(), lora_b.to(dtype)
     if LORA_SUM_IN_PLACE:
-        return lora_linear(x, weight, xa, lora_b, scaling)
-    return torch.addmm(F.linear(x, weight), xa, lora_b.t(), alpha=scaling)
+        return lora_linear(x, weight, xa, b, scaling)
+    return torch.addmm(F.linear(x, weight), xa, b.t(), alpha=scaling)
 
 
 def layer_forward(h, cos, sin, cu, max_len, keys, mask, norms, weights, loras, constants: LayerConstants) -> torch.Tensor:

@@ -119,12 +119,10 @@ class PackedPairsCollator:
         if sharing:
             batch["packed_key_index"] = torch.cat(keys)
         longest_q, longest_k = max(q_segments), max(k_segments)
-        if self.width_multiple:
-            known = self.max_sequence > 0
-            longest_q = fast.graph_attention_bound(
-                q_segments, max(self.max_sequence, self.width_multiple) if known else 0, padded)
-            longest_k = fast.graph_attention_bound(
-                k_segments, max(self.max_sequence, 2 * self.width_multiple) if known else 0, int(cu_k[-1]))
+        if self.width_multiple:  # (the keys' padding rounds up the queries' padding and the shared prefixes)
+            longest_q = fast.graph_attention_bound(q_segments, self.max_sequence, self.width_multiple, padded)
+            longest_k = fast.graph_attention_bound(k_segments, self.max_sequence, 2 * self.width_multiple,
+                                                   int(cu_k[-1]))
         batch.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=longest_q, max_length_k=longest_k)
         return batch
 

@@ -555,15 +555,16 @@ def padded_width(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple if multiple else tokens
 
 
-def graph_attention_bound(segments: list[int], bound: int, width: int) -> int:
-    """max_length_q/_k of a packed batch replayed as CUDA graphs: `bound` (or the width, when smaller) if no
-    segment exceeds it, else the width. A bound known before the run (the stage's max_length, the padding's most)
-    is the same int for most batches, so the graphs need no new int per batch; and the flash kernels launch a
-    block per 128 tokens of it for every segment, so the width (up to ~10k tokens) would launch mostly blocks
-    that find their segment ended and exit."""
-    if not GRAPH_ATTENTION_BOUND:
+def graph_attention_bound(segments: list[int], max_sequence: int, padding_most: int, width: int) -> int:
+    """max_length_q/_k of a packed batch replayed as CUDA graphs: the longer of `max_sequence` (the stage's
+    max_length; 0: unknown) and `padding_most` (the most a padding segment holds), or the width when that is
+    smaller, unknown, or exceeded by a segment. Known before the run, it is the same int for most batches, so the
+    graphs need no new int per batch; and the flash kernels launch a block per 128 tokens of it for every segment,
+    so the width (up to ~10k tokens) would launch mostly blocks that find their segment ended and exit."""
+    bound = max(max_sequence, padding_most)
+    if not GRAPH_ATTENTION_BOUND or not max_sequence or max(segments, default=0) > bound:
         return width
-    return min(bound, width) if bound and max(segments, default=0) <= bound else width
+    return min(bound, width)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -641,8 +642,7 @@ class PackedRowsCollator:
             segments = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
             longest = max(segments)
             if self.width_multiple:
-                bound = max(self.max_sequence, self.width_multiple) if self.max_sequence else 0
-                longest = graph_attention_bound(segments, bound, width)
+                longest = graph_attention_bound(segments, self.max_sequence, self.width_multiple, width)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if self.loss_positions:  # lever sync_free_step: what the loss and the token count need, from the CPU
             batch.update(sft_loss.loss_positions(out_labels))
