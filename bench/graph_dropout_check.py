@@ -21,9 +21,7 @@ def check(aten_random: bool, rate: float = 0.1, tokens: int = 8192, width: int =
 
     from pipeline import compiled_layers
 
-    options = {"triton.cudagraphs": True}
-    if aten_random:
-        options["fallback_random"] = True
+    options = compiled_layers.inductor_options(cuda_graphs=True, aten_random=aten_random)
     fn = torch.compile(compiled_layers._lora, fullgraph=True, options=options)
     torch.manual_seed(0)
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16).abs_().add_(0.5)  # no zero entries

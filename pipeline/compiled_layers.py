@@ -199,12 +199,19 @@ def _compiled(backend: str, cuda_graphs: bool = False, aten_random: bool = False
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-    options = {}  # inductor's options (no other backend has them)
+    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None,
+                         options=inductor_options(cuda_graphs, aten_random))
+
+
+def inductor_options(cuda_graphs: bool, aten_random: bool) -> Optional[dict]:
+    """inductor's options for the compiled layers (no other backend has them): replayed as CUDA graphs, and with
+    the LoRA dropout drawn by ATen (ATEN_RANDOM)."""
+    options = {}
     if cuda_graphs:
         options["triton.cudagraphs"] = True
     if aten_random:
         options["fallback_random"] = True
-    return torch.compile(layer_forward, backend=backend, fullgraph=True, dynamic=None, options=options or None)
+    return options or None
 
 
 def _reference_projection(module, x: torch.Tensor) -> Optional[tuple]:

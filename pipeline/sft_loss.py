@@ -129,9 +129,9 @@ def install(trainer, compiled: bool = False) -> None:
     Other batches (evaluation asking for outputs, a collator without the positions) keep TRL's. `compiled` (lever
     torch_compile): the loss's chunks run compiled by inductor.
     """
-    scores = compiled_chunk_scores() if compiled and COMPILE_LOSS else chunk_scores
     from pipeline.fast import decoder_of
 
+    scores = compiled_chunk_scores() if compiled and COMPILE_LOSS else chunk_scores
     trl_compute_loss, trl_log, hf_track_tokens = trainer.compute_loss, trainer.log, trainer._track_num_input_tokens
     pending: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []  # (mode, entropy sum, correct, labelled tokens)
 
