@@ -2,11 +2,13 @@
 
     python -m bench.train_bench --out OUT_DIR [--seconds 15] [--budget-s 330] [--runs c,c-x] [--repeat 2]
                                 [--profile [--profile-runs c,c-x] [--profile-after N] [--trace]]
+                                [--unsloth-site DIR] [--full-rows]
     python -m bench.train_bench --out OUT_DIR --smoke        # CPU, tiny-demo, < 2 minutes
 
 Model: TinyLlama-1.1B-shaped, random weights (bench.synthetic), NF4 + LoRA r64 on the 7 projections.
 Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with prompt and answers of
-~50 to ~500 tokens each. Runs, per stage:
+~50 to ~500 tokens each (--full-rows: SFT rows all past max_length, DPO prompts and answers of about half of it,
+every sequence filling it: the shape of PERF_NOTES' Unsloth figures). Runs, per stage:
   a  the reference recipe as docs/ai states it: plain TRL defaults, batch 2 x accumulation 4, length 512,
      gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
@@ -14,7 +16,10 @@ Data: synthetic chat rows, ~100 to ~2,300 tokens (log-uniform); DPO pairs with p
      (sequences packed into one row with varlen attention, each decoder layer one compiled function, NF4
      weights dequantized once, gradient checkpointing only when memory needs it, fused AdamW; the recipe's steps),
      torch_compile forced on (its 'auto' leaves runs this short eager: see stage_training), cuda_graphs 'auto'
-     (off at this run size).
+     (off at this run size; on for SFT with --full-rows, whose rows pack to one width).
+  unsloth (SFT, DPO), unsloth-padded (SFT)  with --unsloth-site DIR: Unsloth on the same model, rows, shape and meter,
+     in a process of its own with DIR's packages (bench.unsloth_bench; padded: its padded rows instead of
+     padding-free batches); its peak memory is its own process's.
   c-warmup  c run once first, not compared: it takes the compiles of the first project run (its
      first_step_s shows what they cost; DPO's packed shapes add a recompile of the layer graph).
   c-graphs-warmup  c-graphs run once first, not compared: the compiles of the layers for CUDA graphs (inductor's
@@ -80,12 +85,14 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+REPO = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2
 MIN_STEPS = WARMUP_STEPS + 4  # steps a run takes at least, so its rate is measured past the warm-up
 
@@ -361,6 +368,27 @@ def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: i
     return meter.result()
 
 
+def run_unsloth(cfg, stage: str, padded: bool = False) -> dict:
+    """Unsloth's run of `stage` (bench.unsloth_bench) in a process of its own, with cfg.unsloth_site first on its
+    path in place of this process's (Unsloth pins older transformers and trl): the same model, data, shape and meter;
+    its peak memory is its own process's."""
+    out = cfg.work / f"unsloth_{stage}{'_padded' if padded else ''}_result"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "bench.unsloth_bench", "--out", str(out), "--work", str(cfg.work),
+               "--seconds", str(cfg.seconds), "--only", stage]
+    command += [flag for flag, on in (("--smoke", cfg.smoke), ("--full-rows", cfg.full_rows), ("--padded", padded)) if on]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cfg.unsloth_site), str(REPO)]))
+    finished = subprocess.run(command, env=env, cwd=REPO)
+    written = out / "unsloth_bench.json"
+    if not written.exists():
+        raise RuntimeError(f"bench.unsloth_bench exited with {finished.returncode} before writing {written}")
+    report = json.loads(written.read_text())
+    result = report[stage]
+    if "error" in result:
+        raise RuntimeError(f"Unsloth's {stage} run: {result['error']}")
+    return dict(result, versions=report["versions"])
+
+
 def fresh_dir(out: Path) -> Path:
     """An empty run folder: a stage finds a finished run's checkpoints in its folder and would train 0 steps."""
     shutil.rmtree(out, ignore_errors=True)
@@ -483,7 +511,7 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
             except Exception as exc2:
                 traceback.print_exc()
                 r["fallback_error"] = f"{type(exc2).__name__}: {exc2}"
-    r["peak_gib"] = peak_gib()
+    r.setdefault("peak_gib", peak_gib())  # a run in its own process (unsloth) measured its own
     r["wall_s"] = round(time.time() - t0, 1)
     results[name] = r
     print(f"[bench] {name}: {json.dumps({k: v for k, v in r.items() if k != 'curve'})}", flush=True)
@@ -599,6 +627,35 @@ def table(results: dict, card: str) -> str:
     return "\n".join(lines)
 
 
+def prepare_inputs(cfg) -> dict:
+    """The model and data of every run: sets cfg.base, cfg.dtype and cfg.seconds' default; writes the data files
+    into cfg.work (the same seeds every time, so bench.unsloth_bench, in its own process, trains on the same rows).
+    Returns the data files' paths and the stages' lengths (SFT rows, DPO pairs, run a's rows)."""
+    from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
+
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    if cfg.smoke:
+        from pipeline.modeling import resolve_model
+
+        cfg.seconds = cfg.seconds or 4
+        cfg.base, cfg.dtype = resolve_model("tiny-demo"), "auto"
+        n_sft, n_dpo = 64, 48
+        lengths = dict(sft_len=256, dpo_len=256, short_len=128)
+        sft_words, dpo_words = (30, 150), (10, 60)
+    else:
+        cfg.seconds = cfg.seconds or 15
+        cfg.base, cfg.dtype = str(build_tinyllama_shaped(cfg.work / "tinyllama-shaped")), "auto"
+        n_sft, n_dpo = 2400, 1200
+        lengths = dict(sft_len=2048, dpo_len=1024, short_len=512)
+        sft_words, dpo_words = (60, 1400), (30, 300)  # ~1.67 tokens a word: ~100-2,300 and ~50-500 tokens
+    if cfg.full_rows:  # rows past max_length, cut to it: 8 x max_length real tokens a step (DPO: ~half each part)
+        sft_words = (int(lengths["sft_len"] / 1.5), int(lengths["sft_len"] / 1.4))
+        dpo_words = (int(lengths["dpo_len"] / 3.0), int(lengths["dpo_len"] / 2.8))
+    sft_path = write_jsonl(sft_rows(n_sft, seed=1, lo=sft_words[0], hi=sft_words[1]), cfg.work / "sft.jsonl")
+    dpo_path = write_jsonl(dpo_rows(n_dpo, seed=2, lo=dpo_words[0], hi=dpo_words[1]), cfg.work / "dpo.jsonl")
+    return dict(lengths, sft_path=sft_path, dpo_path=dpo_path)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -618,7 +675,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     ap.add_argument("--width-multiple", type=int, default=None,
                     help="cuda_graphs' packed-width multiple (default pipeline.fast.GRAPH_WIDTH_MULTIPLE)")
+    ap.add_argument("--full-rows", action="store_true",
+                    help="SFT rows all past max_length (cut to 2,048), DPO prompts and answers of about half of it "
+                         "each, every pair's sequences filling it (prompt 512 + answer 512): the shape of PERF_NOTES' "
+                         "Unsloth and stock-HF figures, instead of the realistic spread of lengths")
+    ap.add_argument("--unsloth-site", type=Path, default=None,
+                    help="a folder of Unsloth's packages (bench/unsloth_site.sh): adds the runs 'unsloth', "
+                         "bench.unsloth_bench in a process of its own")
     cfg = ap.parse_args(argv)
+    if cfg.runs and {"unsloth", "unsloth-padded"} & set(cfg.runs.split(",")) and not cfg.unsloth_site:
+        ap.error("the run 'unsloth' needs --unsloth-site DIR (Unsloth's packages: bench/unsloth_site.sh)")
+    if cfg.unsloth_site and not (cfg.unsloth_site / "unsloth").is_dir():
+        ap.error(f"--unsloth-site {cfg.unsloth_site}: no unsloth package there (build it: bench/unsloth_site.sh)")
     t_start = time.time()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -626,7 +694,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
     from pipeline.data import load as load_data
     from pipeline.modeling import device_name
     from pipeline.specs import DatasetSpec
@@ -638,28 +705,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    cfg.work.mkdir(parents=True, exist_ok=True)
     if not cfg.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
         return 2
-    if cfg.smoke:
-        cfg.seconds = cfg.seconds or 4
-        cfg.base, cfg.dtype = "tiny-demo", "auto"
-        from pipeline.modeling import resolve_model
-
-        cfg.base = resolve_model("tiny-demo")
-        n_sft, n_dpo = 64, 48
-        sft_len, dpo_len, short_len = 256, 256, 128
-        sft_words, dpo_words = (30, 150), (10, 60)
-    else:
-        cfg.seconds = cfg.seconds or 15
-        cfg.base = str(build_tinyllama_shaped(cfg.work / "tinyllama-shaped"))
-        cfg.dtype = "auto"
-        n_sft, n_dpo = 2400, 1200
-        sft_len, dpo_len, short_len = 2048, 1024, 512
-        sft_words, dpo_words = (60, 1400), (30, 300)  # ~1.67 tokens a word: ~100-2,300 and ~50-500 tokens
-    sft_path = write_jsonl(sft_rows(n_sft, seed=1, lo=sft_words[0], hi=sft_words[1]), cfg.work / "sft.jsonl")
-    dpo_path = write_jsonl(dpo_rows(n_dpo, seed=2, lo=dpo_words[0], hi=dpo_words[1]), cfg.work / "dpo.jsonl")
+    inputs = prepare_inputs(cfg)
+    sft_path, dpo_path = inputs["sft_path"], inputs["dpo_path"]
+    sft_len, dpo_len, short_len = inputs["sft_len"], inputs["dpo_len"], inputs["short_len"]
     sft_data = load_data(DatasetSpec(source=str(sft_path)), "sft").rows
     dpo_data = load_data(DatasetSpec(source=str(dpo_path)), "dpo").rows
     card = device_name()
@@ -689,6 +740,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("dpo", "a", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_a", batch=2, accumulation=4, max_length=short_len), None),
             ("dpo", "b", lambda: run_hf_dpo(cfg, dpo_data, cfg.work / "dpo_b", batch=8, accumulation=1, max_length=dpo_len), None),
         ]
+    # Unsloth in a process of its own, before any project run holds GPU memory (its CPU mode trains SFT only).
+    if cfg.unsloth_site:
+        plan += [(stage, "unsloth", lambda stage=stage: run_unsloth(cfg, stage), None)
+                 for stage, on in (("sft", sft_on), ("dpo", dpo_on and not cfg.smoke)) if on]
+        if sft_on:  # SFT with Unsloth's padded rows (its rule picks them where a padded step is cheap)
+            plan.append(("sft", "unsloth-padded", lambda: run_unsloth(cfg, "sft", padded=True), None))
     # The project's runs: (stage, name, training fields, fallback fields or None, wrapper or None). The compiled
     # layers (and Liger's Triton kernels) compile in the first project run of a process: an untimed warm-up run
     # takes that cost, else whichever c variant runs first pays it.
@@ -781,7 +838,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rate = {k: v.get("tokens_per_s") for k, v in runs.items()}
         ratios = {}
         for num in filter(compared, runs):  # c and its lever runs
-            for den in ("a", "b"):
+            for den in ("a", "b", "unsloth"):
                 if rate.get(num) and rate.get(den):
                     ratios[f"{num}/{den}"] = round(rate[num] / rate[den], 2)
         results[stage]["ratios"] = ratios

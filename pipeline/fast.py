@@ -70,8 +70,13 @@ GRAPH_ATTENTION_BOUND = True
 # 'auto' replays CUDA graphs only for runs that repay the recordings (one per packed width; DPO's shared prompts add
 # key widths). H200, round 14: a run's recordings took ~22 s (SFT, ~8 widths) and ~25-29 s (DPO, ~11 width pairs) in
 # all, and replays then saved ~2.3 us a real token (SFT: 49.5k -> 55.9k tok/s) and 2.2-5.5 us (DPO's steps): paid back
-# after ~9.5M (SFT) and ~5-11M (DPO) tokens. About twice that leaves a margin.
+# after ~9.5M (SFT) and ~5-11M (DPO) tokens. About twice that leaves a margin. SFT's rule counts the widths its rows
+# pack to (sft_packed_widths; ~3 s and ~1.3M tokens of payback each, twice that asked): the bench's chat rows meet
+# ~12 widths over a long run (30M), rows that all fill max_length one (round 17, H200: 1.12x without graphs over a
+# 40 s run, its recording included).
 GRAPHS_MIN_TOKENS = {"sft": 20_000_000, "dpo": 24_000_000}
+GRAPHS_TOKENS_PER_WIDTH = 2_500_000
+PACKED_WIDTHS_SAMPLE = 20_000  # micro-batches drawn to count an SFT run's packed widths
 # Collating a DPO step's batch (TRL's preference collator, the packing) takes ~15 ms of Python on a 2.5 GHz core: two
 # workers keep the next batches ready while the GPU trains (H200: median step 120 ms against 138 ms, BENCHMARKS.md
 # round 13). SFT's collation is lighter: its host-bound step measured no faster with workers, its step replayed as CUDA
@@ -226,7 +231,42 @@ def compile_skipped(t, lv: Levers, model_config, stage: str, rows: int, mean_tok
     return None
 
 
-def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[float]) -> Optional[str]:
+def sft_packed_widths(lengths: list[int], max_length: int, batch: int, micro_batches: int, seed: int = 0) -> int:
+    """Distinct packed widths (multiples of GRAPH_WIDTH_MULTIPLE) that `micro_batches` SFT micro-batches of `batch`
+    rows meet, each packed into one row as PackedRowsCollator does with varlen attention; the rows drawn in random
+    order, epoch after epoch, as the Trainer's sampler draws them (at most PACKED_WIDTHS_SAMPLE micro-batches)."""
+    import random
+
+    clipped = [min(n, max_length) for n in lengths]
+    if not clipped or batch < 1:
+        return 0
+    rng, queue, widths = random.Random(seed), [], set()
+    for _ in range(min(micro_batches, PACKED_WIDTHS_SAMPLE)):
+        if len(queue) < batch:
+            epoch = clipped[:]
+            rng.shuffle(epoch)
+            queue += epoch
+        group, queue = queue[:batch], queue[batch:]
+        widths.add(padded_width(sum(group), GRAPH_WIDTH_MULTIPLE))
+    return len(widths)
+
+
+def graphs_min_tokens(t, lv: Levers, stage: str, rows: int, row_lengths: Optional[list[int]]) -> tuple[int, str]:
+    """The real tokens from which 'auto' replays graphs, and why: SFT's from the widths its rows pack to (when their
+    lengths are known), else the stage's fixed GRAPHS_MIN_TOKENS."""
+    if stage != "sft" or not row_lengths:
+        return GRAPHS_MIN_TOKENS[stage], "each packed width costs ~3 s to record"
+    if lv.max_steps > 0:
+        micro_batches = lv.max_steps * lv.accumulation
+    else:
+        micro_batches = int(t.num_train_epochs * rows) // lv.batch_size
+    widths = sft_packed_widths(row_lengths, t.max_length, lv.batch_size, micro_batches)
+    return (max(widths, 1) * GRAPHS_TOKENS_PER_WIDTH,
+            f"{GRAPHS_TOKENS_PER_WIDTH:,} a packed width, each ~3 s to record: these rows pack to ~{widths}")
+
+
+def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[float],
+                   row_lengths: Optional[list[int]] = None) -> Optional[str]:
     """Why the compiled layers do not run as CUDA graphs (None: they do); after torch_compile is resolved on."""
     if not torch.cuda.is_available():
         return "no CUDA device"
@@ -235,11 +275,10 @@ def graphs_skipped(t, lv: Levers, stage: str, rows: int, mean_tokens: Optional[f
     if t.cuda_graphs is True:
         return None
     planned = planned_tokens(t, lv, rows, mean_tokens, stage)
-    least = GRAPHS_MIN_TOKENS[stage]
+    least, why = graphs_min_tokens(t, lv, stage, rows, row_lengths)
     if planned is None or planned < least:
         size = "its size is unknown" if planned is None else f"this one trains ~{planned:,.0f}"
-        return (f"'auto' replays graphs in {stage.upper()} runs of at least {least:,} real tokens (each packed width "
-                f"costs ~3 s to record); {size}")
+        return f"'auto' replays graphs in {stage.upper()} runs of at least {least:,} real tokens ({why}); {size}"
     return None
 
 
@@ -251,11 +290,12 @@ def free_memory_bytes() -> Optional[int]:
 
 
 def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
-            mean_tokens: Optional[float] = None) -> Levers:
+            mean_tokens: Optional[float] = None, row_lengths: Optional[list[int]] = None) -> Levers:
     """Resolve the lever fields of a TrainingSpec for this stage and machine (call after loading the model).
 
     `mean_tokens`: mean real tokens of one training row (its longest rendered sequence, clipped to max_length);
-    sizes the token-budget optimizer step. None: the step stays the recipe's.
+    sizes the token-budget optimizer step. None: the step stays the recipe's. `row_lengths`: each row's tokens (SFT:
+    'auto' cuda_graphs counts the widths they pack to).
     """
     lv = Levers(padding_free=t.padding_free, activation_offloading=t.activation_offloading,
                 fused_lora=t.fused_lora, batch_size=t.per_device_train_batch_size,
@@ -364,7 +404,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
             lv.notes.append(f"torch_compile skipped: {why_not}")
 
     if t.cuda_graphs and lv.torch_compile:  # (they replay the compiled layers: nothing to say without them)
-        why_not = graphs_skipped(t, lv, stage, rows, mean_tokens)
+        why_not = graphs_skipped(t, lv, stage, rows, mean_tokens, row_lengths)
         lv.cuda_graphs = why_not is None
         if why_not:
             lv.notes.append(f"cuda_graphs skipped: {why_not}")

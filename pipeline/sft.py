@@ -32,7 +32,8 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog) -> dict:
     train_rows, eval_rows = training.split_eval(inputs.data.rows, spec.training.eval_fraction, spec.training.seed)
 
     model = modeling.load_base(inputs.base, spec.quant, dtype)
-    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens)
+    levers = fast.resolve(spec.training, "sft", model.config, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens,
+                          row_lengths=inputs.row_lengths)
     why_not = sft_loss.unsupported(model) if levers.sync_free_step else None
     if why_not:  # decided before the Trainer's settings, which follow from it
         levers.sync_free_step = False

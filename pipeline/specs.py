@@ -141,8 +141,10 @@ class TrainingSpec(_Spec):
         "61k -> 71k). A graph is recorded per packed width, so packed widths are padded (a segment of pad tokens "
         "without loss) up to a "
         "multiple of 1,024 tokens, and each width's first steps record it (~3 s each; ~8 widths for SFT's chat data, "
-        "~11 width pairs for DPO). Not under gradient checkpointing. 'auto': runs of at least 20M (SFT) or 24M (DPO) "
-        "real tokens, where the recordings pay back (BENCHMARKS.md, round 14). With it, SFT's sync_free_step and "
+        "~11 width pairs for DPO). Not under gradient checkpointing. 'auto': SFT runs of at least 2.5M real tokens "
+        "for each packed width their rows meet (chat rows ~12 widths, so ~30M; rows that fill max_length one), DPO "
+        "runs of at least 24M, where the recordings pay back (BENCHMARKS.md, rounds 14 and 17). With it, SFT's "
+        "sync_free_step and "
         "dataloader_workers 'auto' are on. true: wherever it applies; false: off.",
     )
     sync_free_step: Union[bool, Literal["auto"]] = Field(

@@ -251,6 +251,7 @@ class StageInputs:
     tokenizer: Any
     lengths: dict  # token-length stats, for lineage
     mean_tokens: Optional[float]  # mean row tokens after truncation, for token-budget steps
+    row_lengths: list[int]  # each row's tokens before truncation (SFT: the packed widths 'auto' cuda_graphs counts)
 
 
 def load_inputs(spec, kind: str, log: EventLog) -> StageInputs:
@@ -261,7 +262,8 @@ def load_inputs(spec, kind: str, log: EventLog) -> StageInputs:
     tokenizer = modeling.load_tokenizer(base)
     row_lengths: list[int] = []
     lengths = warn_long_rows(log, data, kind, tokenizer, spec.training.max_length, keep=row_lengths)
-    return StageInputs(data, dtype, base, tokenizer, lengths, mean_row_tokens(row_lengths, spec.training.max_length))
+    return StageInputs(data, dtype, base, tokenizer, lengths, mean_row_tokens(row_lengths, spec.training.max_length),
+                       row_lengths)
 
 
 def start_fields(stage: str, effective: dict[str, Any], rows: int, levers) -> dict[str, Any]:

@@ -43,3 +43,46 @@ def test_paired_rates_compare_the_steps_both_runs_replayed():
     paired = paired_rates(lever, reference)
     assert paired == {"steps": 4, "tokens_per_s": 12500.0, "reference_tokens_per_s": 10000.0, "ratio": 1.25}
     assert paired_rates(curve([0.1]), curve([])) is None
+
+
+def test_full_rows_fill_max_length_and_the_spread_does_not(tmp_path):
+    """--full-rows: every SFT row and every DPO pair's prompt and answer past max_length (the shape of PERF_NOTES'
+    Unsloth figures, cut to max_length); the default rows spread far below it."""
+    import argparse
+
+    from bench.train_bench import prepare_inputs
+    from pipeline.chat import render
+    from pipeline.data import load
+    from pipeline.modeling import load_tokenizer
+    from pipeline.specs import DatasetSpec
+
+    for full in (True, False):
+        cfg = argparse.Namespace(smoke=True, seconds=None, work=tmp_path / str(full), full_rows=full)
+        inputs = prepare_inputs(cfg)  # smoke: tiny-demo's model and tokenizer, max_length 256
+        tokenizer = load_tokenizer(cfg.base)
+
+        def tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        sft = [tokens(render(r["messages"], add_generation_prompt=False)) for r in load(DatasetSpec(source=str(inputs["sft_path"])), "sft").rows]
+        dpo = load(DatasetSpec(source=str(inputs["dpo_path"])), "dpo").rows
+        # a pair's shorter sequence: its prompt and its shorter answer
+        pairs = [tokens(render(r["prompt_messages"], add_generation_prompt=True))
+                 + min(tokens(r["chosen"]), tokens(r["rejected"])) for r in dpo]
+        if full:
+            assert min(sft) > inputs["sft_len"] and min(pairs) > inputs["dpo_len"]
+        else:
+            assert min(sft) < inputs["sft_len"] // 2 and min(pairs) < inputs["dpo_len"] // 2
+
+
+def test_the_unsloth_runs_need_its_packages(tmp_path, capsys):
+    import pytest
+
+    from bench.train_bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--smoke", "--runs", "unsloth"])
+    assert "needs --unsloth-site DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--smoke", "--unsloth-site", str(tmp_path)])
+    assert "no unsloth package there" in capsys.readouterr().err

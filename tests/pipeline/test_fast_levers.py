@@ -946,6 +946,46 @@ def test_cuda_graphs_resolve_with_the_compiled_layers_on_cuda(tiny_demo, monkeyp
     assert not eager.cuda_graphs and not any("cuda_graphs" in n for n in eager.notes)
 
 
+def test_cuda_graphs_auto_counts_the_widths_sft_rows_pack_to(tiny_demo, monkeypatch):
+    """SFT's 'auto' asks GRAPHS_TOKENS_PER_WIDTH real tokens for every packed width the run meets (one recording
+    each): rows that all fill max_length pack to one width, chat rows of spread lengths to several."""
+    import random
+
+    from transformers import AutoConfig
+
+    from pipeline import compiled_layers
+
+    full = [3000] * 400  # cut to max_length: 8 x 2048 tokens, one width
+    rng = random.Random(0)
+    spread = [int(math.exp(rng.uniform(math.log(100), math.log(2300)))) for _ in range(400)]
+    assert fast.sft_packed_widths(full, 2048, 8, 10_000) == 1
+    widths = fast.sft_packed_widths(spread, 2048, 8, 10_000)
+    assert 5 <= widths <= 14  # 8-row sums from ~2k to ~13k tokens, in multiples of 1,024
+    assert fast.sft_packed_widths(spread, 2048, 8, 1) == 1  # a one-step run meets one width
+    assert fast.sft_packed_widths([], 2048, 8, 100) == 0
+
+    config = AutoConfig.from_pretrained(tiny_demo)
+    compiled = TrainingSpec(max_length=2048, torch_compile=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
+    monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
+    monkeypatch.setattr(compiled_layers, "gpu_kernels_unavailable", lambda: None)
+
+    def resolved(lengths: list[int], rows: int) -> fast.Levers:
+        mean = sum(min(n, 2048) for n in lengths) / len(lengths)
+        return fast.resolve(compiled, "sft", config, torch.bfloat16, rows=rows, mean_tokens=mean, row_lengths=lengths)
+
+    assert resolved(full, 2_000).cuda_graphs  # 4.1M tokens, one width: past 2.5M
+    small = resolved(full, 1_000)  # 2.0M
+    assert not small.cuda_graphs
+    assert any("at least 2,500,000 real tokens" in n and "pack to ~1" in n for n in small.notes), small.notes
+    least = widths * fast.GRAPHS_TOKENS_PER_WIDTH
+    mean = sum(min(n, 2048) for n in spread) / len(spread)
+    below, above = int(0.9 * least / mean), int(1.1 * least / mean)
+    assert not resolved(spread, below).cuda_graphs and resolved(spread, above).cuda_graphs
+    assert any(f"at least {least:,} real tokens" in n and f"pack to ~{widths}" in n
+               for n in resolved(spread, below).notes)
+
+
 def test_cuda_graphs_read_every_layer_weight_in_place(tiny_demo):
     """Installed for CUDA graphs, every weight the compiled layer reads is marked static (a replay reads it where it
     is: LoRA A and B, the norms, the dequantized base copies), so the graphs neither copy nor re-record them."""
