@@ -55,12 +55,13 @@ def load(cfg, max_length: int):
     return model, tokenizer
 
 
-def common_args(cfg, out: Path) -> dict:
+def common_args(out: Path) -> dict:
+    """The Trainer fields of both stages: run b's step shape and optimizer, a log every step for the meter."""
     import torch
 
-    bf16 = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # (a CPU has neither bf16 kernels here nor bitsandbytes' paged optimizer)
     return dict(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                optim="paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch", bf16=bf16,
+                optim="paged_adamw_32bit" if cuda else "adamw_torch", bf16=cuda,
                 logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=42,
                 include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
 
@@ -80,7 +81,7 @@ def run_sft(cfg, rows: list[dict], max_length: int) -> dict:
 
     model, tokenizer = load(cfg, max_length)
     meter = make_meter(cfg.seconds)
-    args = SFTConfig(**common_args(cfg, cfg.work / "unsloth_sft"), learning_rate=2e-4, lr_scheduler_type="cosine",
+    args = SFTConfig(**common_args(cfg.work / "unsloth_sft"), learning_rate=2e-4, lr_scheduler_type="cosine",
                      num_train_epochs=1, max_length=max_length, padding_free=not cfg.padded)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[meter])
@@ -96,7 +97,7 @@ def run_dpo(cfg, rows: list[dict], max_length: int) -> dict:
 
     model, tokenizer = load(cfg, max_length)
     meter = make_meter(cfg.seconds)
-    args = DPOConfig(**common_args(cfg, cfg.work / "unsloth_dpo"), learning_rate=1e-5, lr_scheduler_type="cosine",
+    args = DPOConfig(**common_args(cfg.work / "unsloth_dpo"), learning_rate=1e-5, lr_scheduler_type="cosine",
                      warmup_steps=0.1, max_steps=200, beta=0.1, max_length=max_length, truncation_mode="keep_start")
     trainer = DPOTrainer(model=model, ref_model=None, args=args,
                          train_dataset=Dataset.from_list(to_text_pairs(rows, tokenizer, max_length)),
