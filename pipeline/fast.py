@@ -198,14 +198,18 @@ def projection_weights(config) -> int:
     return config.num_hidden_layers * (attention + 3 * hidden * inter)  # + gate, up, down
 
 
+def planned_rows(t, lv: Levers, rows: int) -> float:
+    """Rows the run will train: max_steps' worth of micro-batches, else its epochs over the data."""
+    if lv.max_steps > 0:
+        return lv.max_steps * lv.batch_size * lv.accumulation
+    return t.num_train_epochs * rows
+
+
 def planned_tokens(t, lv: Levers, rows: int, mean_tokens: Optional[float], stage: str) -> Optional[float]:
     """Real tokens the run will train, estimated from the rows' mean length (None: unknown)."""
     if not mean_tokens:
         return None
-    per_row = min(float(mean_tokens), t.max_length) * (2 if stage == "dpo" else 1)
-    if lv.max_steps > 0:
-        return lv.max_steps * lv.batch_size * lv.accumulation * per_row
-    return t.num_train_epochs * rows * per_row
+    return planned_rows(t, lv, rows) * min(float(mean_tokens), t.max_length) * (2 if stage == "dpo" else 1)
 
 
 def compile_skipped(t, lv: Levers, model_config, stage: str, rows: int, mean_tokens: Optional[float]) -> Optional[str]:
@@ -256,10 +260,7 @@ def graphs_min_tokens(t, lv: Levers, stage: str, rows: int, row_lengths: Optiona
     lengths are known), else the stage's fixed GRAPHS_MIN_TOKENS."""
     if stage != "sft" or not row_lengths:
         return GRAPHS_MIN_TOKENS[stage], "each packed width costs ~3 s to record"
-    if lv.max_steps > 0:
-        micro_batches = lv.max_steps * lv.accumulation
-    else:
-        micro_batches = int(t.num_train_epochs * rows) // lv.batch_size
+    micro_batches = int(planned_rows(t, lv, rows)) // lv.batch_size
     widths = sft_packed_widths(row_lengths, t.max_length, lv.batch_size, micro_batches)
     return (max(widths, 1) * GRAPHS_TOKENS_PER_WIDTH,
             f"{GRAPHS_TOKENS_PER_WIDTH:,} a packed width, each ~3 s to record: these rows pack to ~{widths}")
@@ -448,11 +449,7 @@ def resolve(t, stage: str, model_config, dtype: torch.dtype, *, rows: int,
             # The precomputed pass runs the reference once per row, in batches 4x the step's and without the
             # adapter switches: it pays when the run trains every row at least once (else it would pay for rows
             # never trained on). Measured on an H200: BENCHMARKS.md, round 13.
-            if t.max_steps > 0:
-                used = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps
-            else:
-                used = t.num_train_epochs * rows
-            lv.precompute_ref_log_probs = used >= rows
+            lv.precompute_ref_log_probs = planned_rows(t, lv, rows) >= rows
         else:
             lv.precompute_ref_log_probs = bool(t.precompute_ref_log_probs)
     return lv
