@@ -17,12 +17,9 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 SFT_SAMPLE = ROOT / "pipeline" / "samples" / "sft_sample.jsonl"

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from pipeline import dpo_packing, dpo_reference, fast, modeling, training
+from pipeline import dpo_packing, dpo_reference, dpo_start_check, fast, modeling, training
 from pipeline.chat import render
 from pipeline.checkpoints import write_atomic
 from pipeline.events import EventLog, make_callback
@@ -102,7 +102,7 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=training.lora_config(spec.lora),
-        callbacks=[make_callback(log, summary)],
+        callbacks=[make_callback(log, summary), dpo_start_check.start_check_callback(spec.beta)],
     )
     training.prepare_model(trainer, dtype, levers)
     fast.quick_adapter_switch(trainer.model)  # the reference pass switches the adapter off every step

@@ -88,9 +88,11 @@ def make_callback(log: EventLog, summary: dict):
             self.step0 = state.global_step
             self.last_tokens = self.tokens0 = state.num_input_tokens_seen
             # Resumed from a checkpoint: the job's first loss is in its restored log history.
-            earlier = [h["loss"] for h in state.log_history if "loss" in h]
+            earlier = [h for h in state.log_history if "loss" in h]
             if earlier:
-                summary.setdefault("first_loss", earlier[0])
+                summary.setdefault("first_loss", earlier[0]["loss"])
+                if "rewards/accuracies" in earlier[0]:
+                    summary.setdefault("first_reward_accuracy", earlier[0]["rewards/accuracies"])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -124,6 +126,7 @@ def make_callback(log: EventLog, summary: dict):
             summary["last_loss"] = logs["loss"]
             summary["steps"] = state.global_step
             if "reward_accuracy" in fields:
+                summary.setdefault("first_reward_accuracy", fields["reward_accuracy"])
                 summary["reward_accuracy"] = fields["reward_accuracy"]
             summary["tokens_seen"] = tokens  # the job's, restored on resume
             summary["tokens_this_run"] = tokens - self.tokens0  # what runtime_s (this run's) covers

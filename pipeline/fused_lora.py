@@ -32,18 +32,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pipeline import nf4
+
 
 def base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight of a LoRA projection's base layer, in `dtype` (dequantized when it is NF4)."""
     weight = getattr(base, "dequantized_weight", None)  # pipeline.fast.dequantize_base
     if weight is None:
-        quant_state = getattr(base.weight, "quant_state", None)
-        if quant_state is not None:
-            import bitsandbytes.functional as bnbf
-
-            weight = bnbf.dequantize_4bit(base.weight.data, quant_state)
-        else:
-            weight = base.weight
+        weight = nf4.dequantized(base) if getattr(base.weight, "quant_state", None) is not None else base.weight
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from pipeline import nf4
 from pipeline.chat import CHAT_TEMPLATE
 from pipeline.errors import UserError
 from pipeline.specs import TINY_DEMO, QuantSpec
@@ -121,6 +122,7 @@ def load_base(path: str, quant: QuantSpec, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(f"could not load model '{path}': {exc}") from None
+    nf4.keep_plain_layout(model)  # the same weights in every pass, on every CPU
     model.config.use_cache = False  # training: no KV cache
     return model
 
@@ -138,8 +140,8 @@ def load_dequantized(path: str, quant: QuantSpec, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map={"": device()}, quantization_config=bnb_config(quant, dtype)
     )
-    model = model.dequantize(dtype=dtype)
-    return model
+    nf4.keep_plain_layout(model)
+    return model.dequantize(dtype=dtype)
 
 
 # ---------------------------------------------------------------- adapter stacks

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
@@ -26,10 +27,6 @@ from pydantic import BaseModel
 
 from server.models import CancelOutput, GenerateOutput, JobView, StartJobOutput, StatusOutput
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 T = TypeVar("T", bound=BaseModel)
 FINAL = ("succeeded", "failed", "cancelled")

@@ -9,6 +9,7 @@ call, so the demo exercises exactly what agents use.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -28,6 +29,7 @@ from server.models import JobView
 # (the recall line reports how many, for all of them); the run is deterministic on a CPU, and this is
 # one it reproduces after SFT -> DPO -> merge.
 QUESTION = "What goes in a commit message?"
+DPO_START_TOLERANCE = 0.01  # DPO's first loss on a CPU in fp32 is ln 2 to ~1e-4: the policy is its reference
 
 
 class ProgressBar:
@@ -151,8 +153,8 @@ def _summary(result: dict) -> str:
         first, last = summary.get("first_loss"), summary.get("last_loss")
         return f"{first:.3f} -> {last:.3f}" if first is not None and last is not None else "n/a"
 
-    accuracy = dpo.get("reward_accuracy")
-    accuracy_text = f"{accuracy:.2f}" if accuracy is not None else "n/a"
+    accuracies = dpo.get("first_reward_accuracy"), dpo.get("reward_accuracy")
+    accuracy_text = " -> ".join(f"{a:.2f}" for a in accuracies) if None not in accuracies else "n/a"
     lines = [
         "",
         "tinyllama-mcp demo: SFT -> DPO -> merge -> generate on tiny-demo, all through MCP tool calls",
@@ -172,6 +174,22 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def checks(result: dict) -> list[tuple[str, bool]]:
+    """What a correct run shows, each as (what, whether it holds): the demo fails when one does not."""
+    sft, dpo = result["sft"].summary or {}, result["dpo"].summary or {}
+    sft_first, sft_last = sft.get("first_loss"), sft.get("last_loss")
+    dpo_first = dpo.get("first_loss")
+    accuracy_first, accuracy_last = dpo.get("first_reward_accuracy"), dpo.get("reward_accuracy")
+    return [
+        ("SFT loss falls", sft_first is not None and sft_last is not None and sft_last < sft_first),
+        ("DPO starts at its reference (first loss ln 2)",
+         dpo_first is not None and abs(dpo_first - math.log(2)) < DPO_START_TOLERANCE),
+        ("DPO reward accuracy rises", accuracy_first is not None and accuracy_last is not None
+         and accuracy_last > accuracy_first),
+        ("the merged model answers a training question word for word", result["recall"]["exact"] > 0),
+    ]
+
+
 def run_demo(home: Optional[str] = None) -> int:
     folder = Path(home).expanduser() if home else Path(tempfile.mkdtemp(prefix="tinyllama-mcp-demo-"))
     try:
@@ -180,8 +198,15 @@ def run_demo(home: Optional[str] = None) -> int:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     print(_summary(result))
+    results = checks(result)
+    print("  checks: " + "; ".join(f"{what}: {'ok' if ok else 'FAILED'}" for what, ok in results))
     if home is None:
         print(f"  (jobs and the merged model are in {folder}; delete it when done)")
+    failed = [what for what, ok in results if not ok]
+    if failed:
+        print(f"demo failed its own checks: {', '.join(failed)} (the jobs' events.jsonl and log.txt are in {folder})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

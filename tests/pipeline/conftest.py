@@ -8,10 +8,12 @@ fresh folder under the session's tmp dir, and `tiny-demo` is built once into a s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from bnb_cpu import CPU_PATHS
 from pipeline_testlib import JobChain, JobRun, cli_env
 
 JOB_FIXTURES = {"sft_job", "dpo_job", "merge_job"}
@@ -72,29 +74,40 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 @pytest.fixture(scope="session")
-def job_chain(tmp_path_factory, env, tiny_demo):
-    chain = JobChain(tmp_path_factory.mktemp("chain"), env).start()
-    yield chain
-    chain.close()
+def job_chains(tmp_path_factory, env, tiny_demo) -> dict[str, JobChain]:
+    """The shared jobs on each bitsandbytes CPU path, one chain after the other."""
+    executor = ThreadPoolExecutor(1, "pipeline-jobs")
+    root = tmp_path_factory.mktemp("chain")
+    chains = {path: JobChain(root / path, env, executor, path).start() for path in CPU_PATHS}
+    yield chains
+    for chain in chains.values():
+        chain.close()
+    executor.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session", params=CPU_PATHS)
+def cpu_path(request) -> str:
+    """The bitsandbytes CPU path a test's jobs ran on (and its in-process models take: bnb_cpu.described)."""
+    return request.param
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_chain_early(request):
     """Start the shared jobs with the first pipeline test, so they run while cheaper tests do."""
     if getattr(request.config, "_pipeline_needs_jobs", False):
-        request.getfixturevalue("job_chain")
+        request.getfixturevalue("job_chains")
 
 
 @pytest.fixture(scope="session")
-def sft_job(job_chain) -> JobRun:
-    return job_chain.result("sft")
+def sft_job(job_chains, cpu_path) -> JobRun:
+    return job_chains[cpu_path].result("sft")
 
 
 @pytest.fixture(scope="session")
-def dpo_job(job_chain) -> JobRun:
-    return job_chain.result("dpo")
+def dpo_job(job_chains, cpu_path) -> JobRun:
+    return job_chains[cpu_path].result("dpo")
 
 
 @pytest.fixture(scope="session")
-def merge_job(job_chain) -> JobRun:
-    return job_chain.result("merge")
+def merge_job(job_chains, cpu_path) -> JobRun:
+    return job_chains[cpu_path].result("merge")

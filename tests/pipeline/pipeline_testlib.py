@@ -121,13 +121,17 @@ def output_files(job_dir: Path) -> tuple[Path, Path]:
     return job_dir.parent / f"{job_dir.name}.stdout.txt", job_dir.parent / f"{job_dir.name}.stderr.txt"
 
 
-def start_cli(job_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_cli(job_dir: Path, env: dict[str, str], cpu_path: Optional[str] = None) -> subprocess.Popen:
     """Start the job in its own process group, as the worker does; its output goes to files (never a
-    pipe nobody drains while the test waits on something else)."""
+    pipe nobody drains while the test waits on something else). `cpu_path`: the bitsandbytes CPU path the job
+    takes (bnb_cpu.CPU_PATHS; None: this machine's)."""
     out, err = output_files(job_dir)
+    command = [sys.executable, "-m", "pipeline"]
+    if cpu_path is not None:
+        command = [sys.executable, str(Path(__file__).with_name("bnb_cpu.py")), cpu_path]
     with open(out, "w") as stdout, open(err, "w") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", str(job_dir)],
+            [*command, "run", str(job_dir)],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
         )
 
@@ -168,11 +172,13 @@ EVAL_PROMPTS = ["How do I name a feature branch?", "What is the capital of Franc
 
 @dataclass
 class JobChain:
-    """SFT (nf4) -> DPO (nf4, on the SFT adapter) -> merge (fp32), each through the CLI, in one thread."""
+    """SFT (nf4) -> DPO (nf4, on the SFT adapter) -> merge (fp32), each through the CLI, in one thread, on the
+    bitsandbytes CPU path `cpu_path`. Chains given one executor run one after another."""
 
     root: Path
     env: dict[str, str]
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "pipeline-jobs"))
+    executor: ThreadPoolExecutor
+    cpu_path: Optional[str] = None
     current: Optional[subprocess.Popen] = None
     cancelled: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -211,7 +217,7 @@ class JobChain:
         with self.lock:
             if self.cancelled:
                 raise RuntimeError("cancelled")
-            self.current = start_cli(job_dir, self.env)
+            self.current = start_cli(job_dir, self.env, self.cpu_path)
         return finish_cli(self.current, job_dir)
 
     def result(self, name: str) -> JobRun:
@@ -222,7 +228,6 @@ class JobChain:
             self.cancelled = True
             if self.current is not None:
                 kill_group(self.current)
-        self.executor.shutdown(wait=True)
 
 
 def read_jsonl(path: Path) -> list[dict]:

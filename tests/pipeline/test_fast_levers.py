@@ -17,6 +17,8 @@ import torch
 from pipeline import fast
 from pipeline.specs import DPOSpec, SFTSpec, TrainingSpec
 
+from bnb_cpu import described
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -501,8 +503,9 @@ def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (a, b)
 
 
-def test_dequantized_base_is_the_same_model(tiny_demo):
-    """NF4 weights dequantized once: the same outputs and LoRA gradients as bitsandbytes' per-call path."""
+def test_dequantized_base_is_the_same_model(tiny_demo, cpu_path):
+    """NF4 weights dequantized once: the same outputs and LoRA gradients as bitsandbytes' per-call path, on either
+    of its CPU paths (the model is in eval mode here, where bitsandbytes' AVX512-BF16 path would repack)."""
     from peft import LoraConfig, get_peft_model
 
     from pipeline import modeling
@@ -510,7 +513,9 @@ def test_dequantized_base_is_the_same_model(tiny_demo):
 
     def model_and_grads(dequantized: bool):
         torch.manual_seed(0)
-        base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"), torch.float32)
+        with described(cpu_path):
+            base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"),
+                                      torch.float32)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
                                                 init_lora_weights=False))
         if dequantized:

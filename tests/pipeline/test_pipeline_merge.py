@@ -14,6 +14,7 @@ from pipeline.events import EventLog
 from pipeline.samples import SFT_SAMPLE
 from pipeline.specs import GenerationSpec, MergeSpec
 
+from bnb_cpu import described
 from pipeline_testlib import EVAL_PROMPTS, write_spec
 
 NEW_TOKENS = 32
@@ -26,8 +27,9 @@ def prompts() -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def sft_merged(sft_job, tmp_path_factory):
-    """The SFT-only merge, run in-process (the SFT + DPO merge ran through the CLI in the session chain)."""
+def sft_merged(sft_job, cpu_path, tmp_path_factory):
+    """The SFT-only merge, run in-process on the chain's CPU path (the SFT + DPO merge ran through the CLI in the
+    session chain)."""
     from pipeline.merge import run_merge
 
     job_dir = write_spec(
@@ -35,7 +37,8 @@ def sft_merged(sft_job, tmp_path_factory):
         MergeSpec(base_model="tiny-demo", sft_adapter=str(sft_job.job_dir / "adapter"), dtype="fp32"),
     )
     log = EventLog(job_dir / "events.jsonl")
-    summary = run_merge(MergeSpec.model_validate_json((job_dir / "spec.json").read_text()), job_dir, log)
+    with described(cpu_path):
+        summary = run_merge(MergeSpec.model_validate_json((job_dir / "spec.json").read_text()), job_dir, log)
     log.close()
     assert summary["adapters"] == 1
     return job_dir / "merged"
@@ -64,11 +67,12 @@ def plain(tokenizer):
     return run
 
 
-def served(adapter_dir, tokenizer):
+def served(adapter_dir, tokenizer, cpu_path):
     """The adapter served unmerged: HF generate on the live PEFT model, and Generator.generate's text."""
     from pipeline.generate import generate_ids, load_generator, render_input
 
-    generator = load_generator(str(adapter_dir))
+    with described(cpu_path):
+        generator = load_generator(str(adapter_dir))
     assert type(generator.model).__name__.startswith("Peft")  # the last adapter is a live LoRA layer
     spec = GenerationSpec(temperature=0, max_new_tokens=NEW_TOKENS)
     tokens, texts, logits = [], [], []
@@ -81,9 +85,9 @@ def served(adapter_dir, tokenizer):
     return tokens, texts, logits
 
 
-def check_same(merged_folder, adapter_dir, tokenizer, plain) -> list[list[int]]:
+def check_same(merged_folder, adapter_dir, tokenizer, plain, cpu_path) -> list[list[int]]:
     merged_tokens, merged_logits = plain(merged_folder)
-    tokens, texts, logits = served(adapter_dir, tokenizer)
+    tokens, texts, logits = served(adapter_dir, tokenizer, cpu_path)
     assert sum(len(t) for t in merged_tokens) >= 5 * len(merged_tokens)  # real answers, not an instant EOS
     assert tokens == merged_tokens
     assert texts == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in merged_tokens]
@@ -92,14 +96,14 @@ def check_same(merged_folder, adapter_dir, tokenizer, plain) -> list[list[int]]:
     return merged_tokens
 
 
-def test_sft_merge_is_exact(sft_merged, sft_job, tokenizer, plain, tiny_demo):
-    merged = check_same(sft_merged, sft_job.job_dir / "adapter", tokenizer, plain)
+def test_sft_merge_is_exact(sft_merged, sft_job, tokenizer, plain, tiny_demo, cpu_path):
+    merged = check_same(sft_merged, sft_job.job_dir / "adapter", tokenizer, plain, cpu_path)
     base, _ = plain(tiny_demo)
     assert merged != base  # the adapter is really in the merged weights
 
 
-def test_sft_dpo_merge_is_exact(merge_job, dpo_job, sft_merged, tokenizer, plain):
-    merged = check_same(merge_job.job_dir / "merged", dpo_job.job_dir / "adapter", tokenizer, plain)
+def test_sft_dpo_merge_is_exact(merge_job, dpo_job, sft_merged, tokenizer, plain, cpu_path):
+    merged = check_same(merge_job.job_dir / "merged", dpo_job.job_dir / "adapter", tokenizer, plain, cpu_path)
     sft_only, _ = plain(sft_merged)
     assert merged != sft_only  # the DPO adapter is really in there too
 
