@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.synthetic import TINYLLAMA_SHAPE
-    from pipeline import fast
-    from pipeline.specs import LLAMA_PROJECTIONS
+    from tinyllama_mcp.pipeline import fast
+    from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
 
     shape = dict(TINYLLAMA_SHAPE, hidden_size=256, intermediate_size=704, num_attention_heads=4,
                  num_key_value_heads=1, vocab_size=1024)  # TinyLlama's structure, small tensors

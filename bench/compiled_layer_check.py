@@ -27,8 +27,8 @@ def lora_model(base: str, quantization: str, *, dropout: float = 0.0, master_fp3
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import compiled_layers, fast, fused_lora, modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import compiled_layers, fast, fused_lora, modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     model = modeling.load_base(modeling.resolve_model(base), QuantSpec(quantization=quantization,
                                                                        compute_dtype="bf16"), torch.bfloat16)
@@ -52,7 +52,7 @@ def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[
     """One packed CUDA batch of random tokens per tuple of sequence lengths (widths padded as cuda_graphs pads)."""
     import torch
 
-    from pipeline import fast
+    from tinyllama_mcp.pipeline import fast
 
     collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
                                       width_multiple=fast.GRAPH_WIDTH_MULTIPLE if graphs else 0, max_sequence=2048)
@@ -68,7 +68,7 @@ def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[
 def run(base: str, quantization: str, compiled: bool, graphs: bool = False) -> tuple[list[float], dict, float]:
     import torch
 
-    from pipeline import compiled_layers, varlen_attention
+    from tinyllama_mcp.pipeline import compiled_layers, varlen_attention
 
     model = lora_model(base, quantization, compiled=compiled, graphs=graphs)
     batches = packed_batches(model, [(700, 90, 1300, 400), (250, 1800, 60)], graphs)  # two widths: dynamic graph
@@ -97,7 +97,7 @@ def shared_prompt_check(base: str, quantization: str, compiled: bool) -> float:
     import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from pipeline import dpo_packing, fast
+    from tinyllama_mcp.pipeline import dpo_packing, fast
 
     model = lora_model(base, quantization, compiled=compiled)
     generator = torch.Generator().manual_seed(2)

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "src")]
 
 import torch  # noqa: E402
 
@@ -30,7 +30,7 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.synthetic import TINYLLAMA_SHAPE
-    from pipeline.engine import Engine, SamplingParams
+    from tinyllama_mcp.pipeline.engine import Engine, SamplingParams
 
     config = LlamaConfig(bos_token_id=1, eos_token_id=None, pad_token_id=0, **TINYLLAMA_SHAPE)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "src")]
 
 import torch  # noqa: E402
 
@@ -56,7 +56,7 @@ def build_model(smoke: bool):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if smoke:
-        from pipeline.tiny_demo import ensure_tiny_demo
+        from tinyllama_mcp.pipeline.tiny_demo import ensure_tiny_demo
 
         model = AutoModelForCausalLM.from_pretrained(ensure_tiny_demo(), dtype=torch.float32)
         name = "tiny-demo (fp32)"
@@ -106,7 +106,7 @@ class Report:
 
 def run_engine(model, args, report: Report, prompts: list[list[int]], tag: str, compile_mode, concurrency,
                max_batch=None):
-    from pipeline.engine import Engine, SamplingParams
+    from tinyllama_mcp.pipeline.engine import Engine, SamplingParams
 
     new, plen = args.new_tokens, args.prompt_len
     max_len = plen + new + 64

@@ -2,7 +2,7 @@
 
     python bench/gpu_pipeline_check.py --out OUT_DIR [--sft-steps 30] [--dpo-steps 20]
 
-Each stage runs through the real CLI (`python -m pipeline run JOB_DIR`) with the reference
+Each stage runs through the real CLI (`python -m tinyllama_mcp.pipeline run JOB_DIR`) with the reference
 recipe (NF4, LoRA r64 on 7 projections, batch 2 x accumulation 4, length 512). Prints a table
 of first/last loss, tokens/s and peak memory per stage, and writes summary.json.
 """
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
-from pipeline.events import read_events
-from pipeline.specs import DatasetSpec, DPOSpec, GenerationSpec, MergeSpec, QuantSpec, SFTSpec, TrainingSpec
+from tinyllama_mcp.pipeline.events import read_events
+from tinyllama_mcp.pipeline.specs import DatasetSpec, DPOSpec, GenerationSpec, MergeSpec, QuantSpec, SFTSpec, TrainingSpec
 
 
 def run_stage(job_dir: Path, spec) -> dict:
@@ -26,7 +26,7 @@ def run_stage(job_dir: Path, spec) -> dict:
     (job_dir / "spec.json").write_text(spec.model_dump_json())
     t0 = time.time()
     with open(job_dir / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, "-m", "pipeline", "run", str(job_dir)], stdout=log, stderr=log)
+        code = subprocess.call([sys.executable, "-m", "tinyllama_mcp.pipeline", "run", str(job_dir)], stdout=log, stderr=log)
     events = read_events(job_dir / "events.jsonl")
     end = next((e for e in events if e["event"] in ("end", "error")), {})
     steps = [e for e in events if e["event"] == "step"]
@@ -49,7 +49,7 @@ def main() -> None:
     base = args.base or str(build_tinyllama_shaped(work / "tinyllama-shaped"))
     sft_data = write_jsonl(sft_rows(400, seed=1, lo=60, hi=700), work / "sft.jsonl")
     dpo_data = write_jsonl(dpo_rows(400, seed=2, lo=30, hi=250), work / "dpo.jsonl")
-    from pipeline.modeling import device_name
+    from tinyllama_mcp.pipeline.modeling import device_name
 
     results = {"card": device_name(), "runs": {}}
     for dtype in ("auto", "fp16") if torch.cuda.is_available() else ("auto",):
@@ -64,7 +64,7 @@ def main() -> None:
         merge = MergeSpec(base_model=base, sft_adapter=str(root / "sft" / "adapter"), dpo_adapter=str(root / "dpo" / "adapter"),
                           dtype="fp16" if dtype == "fp16" else "auto")
         r["merge"] = run_stage(root / "merge", merge)
-        from pipeline.generate import load_generator
+        from tinyllama_mcp.pipeline.generate import load_generator
 
         t0 = time.time()
         gen = load_generator(str(root / "merge" / "merged"), dtype="fp16" if dtype == "fp16" else "auto")

@@ -19,7 +19,7 @@ import sys
 def check(aten_random: bool, rate: float = 0.1, tokens: int = 8192, width: int = 64, replays: int = 6) -> dict:
     import torch
 
-    from pipeline import compiled_layers
+    from tinyllama_mcp.pipeline import compiled_layers
 
     options = compiled_layers.inductor_options(cuda_graphs=True, aten_random=aten_random)
     fn = torch.compile(compiled_layers._lora, fullgraph=True, options=options)

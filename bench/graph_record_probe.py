@@ -25,7 +25,7 @@ def main() -> int:
 
     from bench.compiled_layer_check import lora_model, packed_batches
     from bench.synthetic import build_tinyllama_shaped
-    from pipeline import compiled_layers, varlen_attention
+    from tinyllama_mcp.pipeline import compiled_layers, varlen_attention
 
     base = str(build_tinyllama_shaped(Path("/tmp/graph_probe_model")))
     model = lora_model(base, "nf4", dropout=0.1, master_fp32=True, compiled=True, graphs=True)

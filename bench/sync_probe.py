@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import TrainerCallback
 
-    import pipeline.dpo as dpo_mod
-    import pipeline.sft as sft_mod
+    import tinyllama_mcp.pipeline.dpo as dpo_mod
+    import tinyllama_mcp.pipeline.sft as sft_mod
     from bench import train_bench
     from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
 

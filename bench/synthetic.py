@@ -11,7 +11,7 @@ import math
 import random
 from pathlib import Path
 
-from pipeline.samples import SFT_SAMPLE
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
 
 TINYLLAMA_SHAPE = dict(
     hidden_size=2048,
@@ -76,7 +76,7 @@ def build_tinyllama_shaped(folder: Path, dtype_name: str = "bf16") -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tiny_demo import ensure_tiny_demo
+    from tinyllama_mcp.pipeline.tiny_demo import ensure_tiny_demo
 
     if (folder / "config.json").exists():
         return folder

@@ -304,7 +304,7 @@ def reset_memory() -> None:
 def lora():
     from peft import LoraConfig
 
-    from pipeline.specs import LLAMA_PROJECTIONS
+    from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
 
     return LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1, bias="none", target_modules=list(LLAMA_PROJECTIONS),
                       task_type="CAUSAL_LM")
@@ -313,8 +313,8 @@ def lora():
 def hf_common(cfg, out: Path, *, batch: int, accumulation: int) -> dict:
     import torch
 
-    from pipeline import modeling
-    from pipeline.training import effective_optim
+    from tinyllama_mcp.pipeline import modeling
+    from tinyllama_mcp.pipeline.training import effective_optim
 
     dtype = modeling.compute_dtype(cfg.dtype)
     return dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
@@ -328,8 +328,8 @@ def hf_model(cfg):
     """The plain-TRL baselines' start: the recipe's NF4 base, its tokenizer, the seed, a meter."""
     from transformers import set_seed
 
-    from pipeline import modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     tokenizer = modeling.load_tokenizer(cfg.base)
     model = modeling.load_base(cfg.base, QuantSpec(compute_dtype=cfg.dtype), modeling.compute_dtype(cfg.dtype))
@@ -355,7 +355,7 @@ def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: i
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.dpo import to_text_pairs
+    from tinyllama_mcp.pipeline.dpo import to_text_pairs
 
     tokenizer, model, meter = hf_model(cfg)
     args = DPOConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=1e-5,
@@ -377,7 +377,7 @@ def run_unsloth(cfg, stage: str, padded: bool = False) -> dict:
     command = [sys.executable, "-m", "bench.unsloth_bench", "--out", str(out), "--work", str(cfg.work),
                "--seconds", str(cfg.seconds), "--only", stage]
     command += [flag for flag, on in (("--smoke", cfg.smoke), ("--full-rows", cfg.full_rows), ("--padded", padded)) if on]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cfg.unsloth_site), str(REPO)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cfg.unsloth_site), str(REPO), str(REPO / "src")]))
     finished = subprocess.run(command, env=env, cwd=REPO)
     written = out / "unsloth_bench.json"
     if not written.exists():
@@ -412,10 +412,10 @@ def stage_training(stage: str, max_length: int) -> dict:
 def call_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, callback) -> None:
     """The project's stage function (pipeline.sft.run_sft / pipeline.dpo.run_dpo) in-process, in a fresh `out`,
     with `callback` beside the stage's own TrainerCallback."""
-    import pipeline.dpo as dpo_mod
-    import pipeline.sft as sft_mod
-    from pipeline.events import EventLog
-    from pipeline.specs import DPOSpec, SFTSpec
+    import tinyllama_mcp.pipeline.dpo as dpo_mod
+    import tinyllama_mcp.pipeline.sft as sft_mod
+    from tinyllama_mcp.pipeline.events import EventLog
+    from tinyllama_mcp.pipeline.specs import DPOSpec, SFTSpec
 
     fresh_dir(out)
     module = sft_mod if stage == "sft" else dpo_mod
@@ -435,7 +435,7 @@ def call_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, call
 
 def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
     """The project's stage, measured by the meter."""
-    from pipeline.events import read_events
+    from tinyllama_mcp.pipeline.events import read_events
 
     meter = make_meter(cfg.seconds)
     call_stage(cfg, stage, data_path, out, training, meter)
@@ -465,7 +465,7 @@ def switched(module: str, name: str, value):
     import importlib
 
     def wrapper(run):
-        target = importlib.import_module(f"pipeline.{module}")
+        target = importlib.import_module(f"tinyllama_mcp.pipeline.{module}")
         before = getattr(target, name)
         setattr(target, name, value)
         try:
@@ -635,7 +635,7 @@ def prepare_inputs(cfg) -> dict:
 
     cfg.work.mkdir(parents=True, exist_ok=True)
     if cfg.smoke:
-        from pipeline.modeling import resolve_model
+        from tinyllama_mcp.pipeline.modeling import resolve_model
 
         cfg.seconds = cfg.seconds or 4
         cfg.base, cfg.dtype = resolve_model("tiny-demo"), "auto"
@@ -694,14 +694,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from pipeline.data import load as load_data
-    from pipeline.modeling import device_name
-    from pipeline.specs import DatasetSpec
+    from tinyllama_mcp.pipeline.data import load as load_data
+    from tinyllama_mcp.pipeline.modeling import device_name
+    from tinyllama_mcp.pipeline.specs import DatasetSpec
 
     if cfg.width_multiple:
-        import pipeline.fast
+        import tinyllama_mcp.pipeline.fast
 
-        pipeline.fast.GRAPH_WIDTH_MULTIPLE = cfg.width_multiple
+        tinyllama_mcp.pipeline.fast.GRAPH_WIDTH_MULTIPLE = cfg.width_multiple
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def load(cfg, max_length: int):
     """Unsloth's NF4 model with its LoRA adapters, and the tokenizer."""
     import torch
 
-    from pipeline.specs import LLAMA_PROJECTIONS
+    from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.base, max_seq_length=max_length, load_in_4bit=torch.cuda.is_available(),
@@ -93,7 +93,7 @@ def run_dpo(cfg, rows: list[dict], max_length: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.dpo import to_text_pairs
+    from tinyllama_mcp.pipeline.dpo import to_text_pairs
 
     model, tokenizer = load(cfg, max_length)
     meter = make_meter(cfg.seconds)
@@ -132,8 +132,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import torch
 
-    from pipeline.data import load as load_data
-    from pipeline.specs import DatasetSpec
+    from tinyllama_mcp.pipeline.data import load as load_data
+    from tinyllama_mcp.pipeline.specs import DatasetSpec
 
     if not cfg.smoke and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)

@@ -51,10 +51,10 @@ def test_full_rows_fill_max_length_and_the_spread_does_not(tmp_path):
     import argparse
 
     from bench.train_bench import prepare_inputs
-    from pipeline.chat import render
-    from pipeline.data import load
-    from pipeline.modeling import load_tokenizer
-    from pipeline.specs import DatasetSpec
+    from tinyllama_mcp.pipeline.chat import render
+    from tinyllama_mcp.pipeline.data import load
+    from tinyllama_mcp.pipeline.modeling import load_tokenizer
+    from tinyllama_mcp.pipeline.specs import DatasetSpec
 
     for full in (True, False):
         cfg = argparse.Namespace(smoke=True, seconds=None, work=tmp_path / str(full), full_rows=full)

@@ -41,8 +41,8 @@ def described(path: str):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     describe(sys.argv[1])
-    from pipeline.__main__ import main
+    from tinyllama_mcp.pipeline.__main__ import main
 
     sys.exit(main(sys.argv[2:]))

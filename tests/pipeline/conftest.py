@@ -1,6 +1,6 @@
 """Shared fixtures for the pipeline tests: CPU only, real libraries, the embedded `tiny-demo` model.
 
-The expensive jobs (SFT -> DPO -> merge through `python -m pipeline run`) run once per test
+The expensive jobs (SFT -> DPO -> merge through `python -m tinyllama_mcp.pipeline run`) run once per test
 session, one after another in a background thread, while the cheaper tests run in this process;
 the fixtures `sft_job`, `dpo_job` and `merge_job` wait for their result. Every job gets a
 fresh folder under the session's tmp dir, and `tiny-demo` is built once into a session cache.
@@ -53,7 +53,7 @@ def env(cache_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_demo(cache_dir) -> str:
     """The tiny-demo checkpoint folder, built once (in-process) into the session cache."""
-    from pipeline.tiny_demo import ensure_tiny_demo
+    from tinyllama_mcp.pipeline.tiny_demo import ensure_tiny_demo
 
     mp = pipeline_env(cache_dir)  # session fixtures are set up before the module's environment
     try:
@@ -64,7 +64,7 @@ def tiny_demo(cache_dir) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_demo):
-    from pipeline.modeling import load_tokenizer
+    from tinyllama_mcp.pipeline.modeling import load_tokenizer
 
     return load_tokenizer(tiny_demo)
 

@@ -29,8 +29,8 @@ def demo_sections(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def sft_demo_spec(source: Path | str, *, max_samples: Optional[int] = None, training: Optional[dict] = None,
                   **fields: Any):
     """An SFTSpec on tiny-demo with the demo hyperparameters, plus test-specific changes."""
-    from pipeline.samples import DEMO_SFT_OVERRIDES
-    from pipeline.specs import SFTSpec
+    from tinyllama_mcp.pipeline.samples import DEMO_SFT_OVERRIDES
+    from tinyllama_mcp.pipeline.specs import SFTSpec
 
     sections = demo_sections(DEMO_SFT_OVERRIDES)
     sections["training"].update(training or {})
@@ -44,8 +44,8 @@ def sft_demo_spec(source: Path | str, *, max_samples: Optional[int] = None, trai
 
 
 def dpo_demo_spec(source: Path | str, *, sft_adapter: Optional[str], training: Optional[dict] = None, **fields: Any):
-    from pipeline.samples import DEMO_DPO_OVERRIDES
-    from pipeline.specs import DPOSpec
+    from tinyllama_mcp.pipeline.samples import DEMO_DPO_OVERRIDES
+    from tinyllama_mcp.pipeline.specs import DPOSpec
 
     sections = demo_sections(DEMO_DPO_OVERRIDES)
     sections["training"].update(training or {})
@@ -70,7 +70,7 @@ def write_spec(job_dir: Path, spec) -> Path:
 
 @dataclass
 class JobRun:
-    """A finished `python -m pipeline run JOB_DIR`."""
+    """A finished `python -m tinyllama_mcp.pipeline run JOB_DIR`."""
 
     job_dir: Path
     returncode: int
@@ -79,7 +79,7 @@ class JobRun:
 
     @property
     def events(self) -> list[dict]:
-        from pipeline.events import read_events
+        from tinyllama_mcp.pipeline.events import read_events
 
         return read_events(self.job_dir / "events.jsonl")
 
@@ -110,7 +110,7 @@ def cli_env(cache: Path, **extra: str) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     env.update(extra)
     return env
@@ -126,7 +126,7 @@ def start_cli(job_dir: Path, env: dict[str, str], cpu_path: Optional[str] = None
     pipe nobody drains while the test waits on something else). `cpu_path`: the bitsandbytes CPU path the job
     takes (bnb_cpu.CPU_PATHS; None: this machine's)."""
     out, err = output_files(job_dir)
-    command = [sys.executable, "-m", "pipeline"]
+    command = [sys.executable, "-m", "tinyllama_mcp.pipeline"]
     if cpu_path is not None:
         command = [sys.executable, str(Path(__file__).with_name("bnb_cpu.py")), cpu_path]
     with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -185,8 +185,8 @@ class JobChain:
     futures: dict[str, Future] = field(default_factory=dict)
 
     def start(self) -> "JobChain":
-        from pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
-        from pipeline.specs import EvalPromptsSpec, MergeSpec
+        from tinyllama_mcp.pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
+        from tinyllama_mcp.pipeline.specs import EvalPromptsSpec, MergeSpec
 
         prompts = EvalPromptsSpec(prompts=EVAL_PROMPTS, max_new_tokens=32)
         sft_dir = write_spec(

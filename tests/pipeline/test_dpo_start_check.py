@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from pipeline import dpo_start_check, training
-from pipeline.errors import SelfCheckError
-from pipeline.events import read_events
-from pipeline.runner import EXIT_USER, run
-from pipeline.samples import DPO_SAMPLE
+from tinyllama_mcp.pipeline import dpo_start_check, training
+from tinyllama_mcp.errors import SelfCheckError
+from tinyllama_mcp.pipeline.events import read_events
+from tinyllama_mcp.pipeline.runner import EXIT_USER, run
+from tinyllama_mcp.pipeline.samples import DPO_SAMPLE
 
 from pipeline_testlib import dpo_demo_spec, write_spec
 

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from pipeline.engine import Engine, EngineFull, SamplingParams
-from pipeline.errors import UserError
+from tinyllama_mcp.pipeline.engine import Engine, EngineFull, SamplingParams
+from tinyllama_mcp.errors import UserError
 
 PROMPTS = [
     "<|user|>\nWhat is the capital of France?</s>\n<|assistant|>\n",
@@ -86,7 +86,7 @@ def test_greedy_matches_hf_with_unmerged_lora_adapter(tiny_demo, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipeline.specs import LLAMA_PROJECTIONS
+    from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
 
     base = AutoModelForCausalLM.from_pretrained(tiny_demo, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_PROJECTIONS)))
@@ -162,8 +162,8 @@ def test_bounds_and_errors(model, tokenizer):
 
 
 def test_generator_uses_the_engine_and_matches_hf(tiny_demo, tokenizer):
-    from pipeline.generate import Generator, generate_ids, load_generator
-    from pipeline.specs import GenerationSpec
+    from tinyllama_mcp.pipeline.generate import Generator, generate_ids, load_generator
+    from tinyllama_mcp.pipeline.specs import GenerationSpec
 
     gen = load_generator("tiny-demo")
     try:
@@ -172,7 +172,7 @@ def test_generator_uses_the_engine_and_matches_hf(tiny_demo, tokenizer):
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         res = gen.generate(messages=messages, spec=spec)
         assert gen.engine() is not None
-        from pipeline.generate import render_input
+        from tinyllama_mcp.pipeline.generate import render_input
 
         ref_ids = generate_ids(gen.model, gen.tokenizer, render_input(gen.tokenizer, messages, None), spec)
         assert res.text == gen.tokenizer.decode(ref_ids, skip_special_tokens=True).strip()

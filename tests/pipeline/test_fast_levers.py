@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import fast
-from pipeline.specs import DPOSpec, SFTSpec, TrainingSpec
+from tinyllama_mcp.pipeline import fast
+from tinyllama_mcp.pipeline.specs import DPOSpec, SFTSpec, TrainingSpec
 
 from bnb_cpu import described
 
@@ -165,9 +165,9 @@ def test_fused_optimizer_lever_resolves_per_device(tiny_demo, monkeypatch):
 def test_cast_trainable_master_fp32_keeps_fp32_under_bf16(tiny_demo):
     from peft import get_peft_model
 
-    from pipeline.modeling import cast_trainable, load_base
-    from pipeline.specs import LoraSpec, QuantSpec
-    from pipeline.training import lora_config
+    from tinyllama_mcp.pipeline.modeling import cast_trainable, load_base
+    from tinyllama_mcp.pipeline.specs import LoraSpec, QuantSpec
+    from tinyllama_mcp.pipeline.training import lora_config
 
     model = get_peft_model(load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32),
                            lora_config(LoraSpec(r=4)))
@@ -198,7 +198,7 @@ def test_torch_fused_adamw_is_the_same_math():
 def test_tokens_per_step_scales_the_step_and_the_step_counts(tiny_demo):
     from transformers import AutoConfig
 
-    from pipeline.training import total_steps
+    from tinyllama_mcp.pipeline.training import total_steps
 
     config = AutoConfig.from_pretrained(tiny_demo)
     # 2 x 4 sequences of ~700 tokens: ~5.6k a step -> k = 4
@@ -236,16 +236,16 @@ def test_spec_accepts_auto_and_bools():
 
 @pytest.fixture(scope="module")
 def demo_model(tiny_demo):
-    from pipeline.modeling import load_base
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline.modeling import load_base
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     torch.manual_seed(0)
     return load_base(tiny_demo, QuantSpec(quantization="none"), torch.float32).eval()
 
 
 def _sft_examples(tokenizer, n: int) -> list[dict]:
-    from pipeline.chat import render
-    from pipeline.samples import SFT_SAMPLE
+    from tinyllama_mcp.pipeline.chat import render
+    from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
 
     rows = [json.loads(line) for line in SFT_SAMPLE.read_text().splitlines()[:n]]
     texts = [render(r["messages"], add_generation_prompt=False, eos=tokenizer.eos_token) for r in rows]
@@ -322,13 +322,13 @@ ON = dict(padding_free=True, max_tokens_per_batch=16384, gradient_checkpointing=
 
 
 def _steps(job_dir: Path) -> list[dict]:
-    from pipeline.events import read_events
+    from tinyllama_mcp.pipeline.events import read_events
 
     return [e for e in read_events(job_dir / "events.jsonl") if e["event"] == "step"]
 
 
 def _run(stage_fn, spec, job_dir: Path):
-    from pipeline.events import EventLog
+    from tinyllama_mcp.pipeline.events import EventLog
 
     job_dir.mkdir(parents=True)
     log = EventLog(job_dir / "events.jsonl")
@@ -340,7 +340,7 @@ def _run(stage_fn, spec, job_dir: Path):
 
 
 def _sft_spec(levers: dict) -> SFTSpec:
-    from pipeline.samples import SFT_SAMPLE
+    from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
 
     return SFTSpec(
         base_model="tiny-demo", dataset={"source": str(SFT_SAMPLE), "max_samples": 16},
@@ -352,7 +352,7 @@ def _sft_spec(levers: dict) -> SFTSpec:
 
 
 def _dpo_spec(levers: dict) -> DPOSpec:
-    from pipeline.samples import DPO_SAMPLE
+    from tinyllama_mcp.pipeline.samples import DPO_SAMPLE
 
     return DPOSpec(
         base_model="tiny-demo", dataset={"source": str(DPO_SAMPLE), "max_samples": 16},
@@ -367,9 +367,9 @@ def _dpo_spec(levers: dict) -> DPOSpec:
 def test_dataloader_workers_learn_the_same(tmp_path, tiny_demo, stage):
     """dataloader_workers: batches collated in worker processes train exactly what the training process collates
     (DPO: its precomputed reference pass collated in workers too)."""
-    from pipeline.dpo import run_dpo
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.dpo import run_dpo
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     run, spec = (run_sft, _sft_spec) if stage == "sft" else (run_dpo, _dpo_spec)
     levers = dict(ON, **({"precompute_ref_log_probs": True} if stage == "dpo" else {}))
@@ -391,9 +391,9 @@ def test_dataloader_workers_learn_the_same(tmp_path, tiny_demo, stage):
 def test_eval_loss_runs_on_the_packed_batches(tmp_path, stage):
     """eval_fraction: the held-out loss is computed where training runs, on the collator's packed batches (DPO: the
     packing hooks, shared prompts and precomputed reference log-probs of the held-out pairs), and is finite."""
-    from pipeline.dpo import run_dpo
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.dpo import run_dpo
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     run, spec = (run_sft, _sft_spec) if stage == "sft" else (run_dpo, _dpo_spec)
     levers = dict(ON, eval_fraction=0.25, **({"precompute_ref_log_probs": True} if stage == "dpo" else {}))
@@ -429,8 +429,8 @@ def test_dataloader_workers_and_shared_prompts_resolve(tiny_demo, monkeypatch):
 
 
 def test_sft_levers_learn_the_same(tmp_path):
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     off_summary, off = _run(run_sft, _sft_spec(OFF), tmp_path / "off")
     on_summary, on = _run(run_sft, _sft_spec(ON), tmp_path / "on")
@@ -447,9 +447,9 @@ def test_sft_levers_learn_the_same(tmp_path):
 def test_dpo_levers_learn_the_same(tmp_path, monkeypatch):
     import functools
 
-    from pipeline import compiled_layers
-    from pipeline.dpo import run_dpo
-    from pipeline.events import read_events
+    from tinyllama_mcp.pipeline import compiled_layers
+    from tinyllama_mcp.pipeline.dpo import run_dpo
+    from tinyllama_mcp.pipeline.events import read_events
 
     spec = _dpo_spec
     _, off = _run(run_dpo, spec(OFF), tmp_path / "off")
@@ -489,8 +489,8 @@ def test_dpo_levers_learn_the_same(tmp_path, monkeypatch):
 
 def test_sft_fused_optimizer_learns_the_same(tmp_path, monkeypatch):
     """The Trainer path with adamw_torch_fused (forced here; on CUDA the lever picks it) vs adamw_torch."""
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     _, off = _run(run_sft, _sft_spec(dict(OFF, padding_free=True)), tmp_path / "off")
     monkeypatch.setattr(fast, "fused_optimizer_ok", lambda: True)
@@ -508,8 +508,8 @@ def test_dequantized_base_is_the_same_model(tiny_demo, cpu_path):
     of its CPU paths (the model is in eval mode here, where bitsandbytes' AVX512-BF16 path would repack)."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     def model_and_grads(dequantized: bool):
         torch.manual_seed(0)
@@ -541,8 +541,8 @@ def test_fused_lora_is_the_same_math(tiny_demo, quantization, dropout):
     """One autograd function per projection: peft's outputs and LoRA gradients, with the same dropout draws."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import fused_lora, modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import fused_lora, modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     def model_and_grads(fused: bool):
         torch.manual_seed(0)
@@ -586,8 +586,8 @@ def test_fused_lora_under_gradient_checkpointing(tiny_demo):
     """The recompute of a checkpointed layer runs the grouped functions again: the same gradients as without."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import fused_lora, modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import fused_lora, modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     def grads(checkpointing: bool):
         torch.manual_seed(0)
@@ -612,7 +612,7 @@ def test_fused_lora_under_gradient_checkpointing(tiny_demo):
 def test_varlen_attention_is_the_masked_packed_attention(demo_model, tokenizer):
     """Packed sequences through varlen attention (one row, sequence boundaries): the block-diagonal mask's loss
     and gradients."""
-    from pipeline import varlen_attention
+    from tinyllama_mcp.pipeline import varlen_attention
 
     examples = _sft_examples(tokenizer, 6)
     pad = tokenizer.pad_token_id
@@ -651,7 +651,7 @@ def test_packed_preference_batches_give_the_padded_hidden_states(demo_model):
     padded batch's (under its mask), pads come back as zeros, in the padded layout TRL scores."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from pipeline import dpo_packing
+    from tinyllama_mcp.pipeline import dpo_packing
 
     examples = [{"prompt_ids": list(range(10, 10 + p)), "chosen_ids": list(range(200, 200 + c)),
                  "rejected_ids": list(range(400, 400 + r))} for p, c, r in [(7, 3, 12), (2, 9, 1), (15, 4, 4)]]
@@ -688,7 +688,7 @@ def test_shared_prompts_give_the_padded_hidden_states_and_gradients(demo_model):
     cuda_graphs' padded widths."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from pipeline import dpo_packing
+    from tinyllama_mcp.pipeline import dpo_packing
 
     # pair 1's answers begin alike (the shared prefix runs past the prompt); pair 2's rejected answer is one token
     examples = [{"prompt_ids": list(range(10, 10 + p)), "chosen_ids": [300, 301] + list(range(200, 200 + c)),
@@ -735,8 +735,8 @@ def test_quick_adapter_switch_is_peft_switch(tiny_demo):
     are already off to peft's own context."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import compiled_layers, modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import compiled_layers, modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     torch.manual_seed(0)
     base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="none", compute_dtype="fp32"), torch.float32)
@@ -767,8 +767,8 @@ def test_trimmed_trainer_overhead_gives_the_same_answers(tiny_demo, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from pipeline import modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     torch.manual_seed(0)
     base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="none"), torch.float32)
@@ -837,9 +837,9 @@ def test_dequantized_base_auto_needs_cuda_memory_and_not_the_saving_mode(tiny_de
 
 def test_sft_token_budget_step_equals_the_bigger_recipe_step(tmp_path):
     """tokens_per_step = k x the recipe's sequences a step and max_steps / k: the same as asking for that step."""
-    from pipeline.events import read_events
-    from pipeline.samples import SFT_SAMPLE
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     def spec(training: dict) -> SFTSpec:
         base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_length=128,
@@ -888,7 +888,7 @@ def test_torch_compile_resolves_per_device_and_batch_layout(tiny_demo):
 def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
-    from pipeline import compiled_layers
+    from tinyllama_mcp.pipeline import compiled_layers
 
     config = AutoConfig.from_pretrained(tiny_demo)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
@@ -917,7 +917,7 @@ def test_torch_compile_auto_only_where_the_compile_pays(tiny_demo, monkeypatch):
 def test_cuda_graphs_resolve_with_the_compiled_layers_on_cuda(tiny_demo, monkeypatch):
     from transformers import AutoConfig
 
-    from pipeline import compiled_layers
+    from tinyllama_mcp.pipeline import compiled_layers
 
     config = AutoConfig.from_pretrained(tiny_demo)
     compiled = TrainingSpec(max_length=2048, torch_compile=True)
@@ -958,7 +958,7 @@ def test_cuda_graphs_auto_counts_the_widths_sft_rows_pack_to(tiny_demo, monkeypa
 
     from transformers import AutoConfig
 
-    from pipeline import compiled_layers
+    from tinyllama_mcp.pipeline import compiled_layers
 
     full = [3000] * 400  # cut to max_length: 8 x 2048 tokens, one width
     rng = random.Random(0)
@@ -996,8 +996,8 @@ def test_cuda_graphs_read_every_layer_weight_in_place(tiny_demo):
     is: LoRA A and B, the norms, the dequantized base copies), so the graphs neither copy nor re-record them."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import compiled_layers, modeling
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import compiled_layers, modeling
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     base = modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"), torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=list(compiled_layers.PROJECTIONS)))
@@ -1017,8 +1017,8 @@ def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
     loss; evaluation with the adapter on keeps HF's forward."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import compiled_layers, fused_lora, modeling, varlen_attention
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline import compiled_layers, fused_lora, modeling, varlen_attention
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     calls = []  # layer forwards that took the compiled function
     compiled_fn = compiled_layers._compiled
@@ -1083,7 +1083,7 @@ def test_compiled_layer_is_the_eager_layer(tiny_demo, variant, monkeypatch):
 def test_compiled_layers_refuse_other_architectures():
     from types import SimpleNamespace
 
-    from pipeline import compiled_layers
+    from tinyllama_mcp.pipeline import compiled_layers
 
     llama = dict(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
     assert compiled_layers.unsupported(SimpleNamespace(**llama)) is None
@@ -1095,8 +1095,8 @@ def test_compiled_layers_refuse_other_architectures():
 @pytest.mark.slow
 def test_sft_torch_compile_learns_the_same(tmp_path):
     """The stage with torch_compile on (inductor's kernels, here its CPU ones): the eager stage's losses."""
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     packed = dict(OFF, padding_free=True, varlen_attention=True, fused_lora=True)
     _, off = _run(run_sft, _sft_spec(packed), tmp_path / "off")
@@ -1117,7 +1117,7 @@ def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch, 
     """The chunked LM-head loss: the summed cross-entropy, its gradient, and TRL's entropy and top-1 counts, over
     several chunks (a chunk of 4 tokens here, the last of 3), eager and compiled by inductor (here its CPU kernels;
     the chunks' two row counts run through one dynamic graph)."""
-    from pipeline import sft_loss
+    from tinyllama_mcp.pipeline import sft_loss
 
     monkeypatch.setattr(sft_loss, "CHUNK_LOGIT_BYTES", 4 * 4 * 50)  # 4 tokens a chunk at 50 logits
     torch.manual_seed(0)
@@ -1140,7 +1140,7 @@ def test_linear_cross_entropy_is_the_cross_entropy_and_trl_metrics(monkeypatch, 
 
 
 def test_loss_positions_are_the_shifted_labels():
-    from pipeline import sft_loss
+    from tinyllama_mcp.pipeline import sft_loss
 
     labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
     positions = sft_loss.loss_positions(labels)
@@ -1151,8 +1151,8 @@ def test_loss_positions_are_the_shifted_labels():
 def test_sync_free_step_learns_the_same(tmp_path):
     """sync_free_step: the chunked loss over positions listed on the CPU trains what TRL's loss trains: the same
     losses, gradients and real-token counts (packed batches, padded widths included)."""
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     trl_summary, trl = _run(run_sft, _sft_spec(dict(ON, sync_free_step=False)), tmp_path / "trl")
     own_summary, own = _run(run_sft, _sft_spec(dict(ON, sync_free_step=True)), tmp_path / "own")
@@ -1177,8 +1177,8 @@ def test_step_logs_written_one_step_late_are_the_trainers(tmp_path, monkeypatch,
     and correct count of each batch since the last log (the levers run the accumulation as one packed batch)."""
     import json
 
-    from pipeline import late_log, sft_loss
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline import late_log, sft_loss
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     staged = []
     to_host = late_log._to_host
@@ -1211,7 +1211,7 @@ def test_sync_free_step_resolves_with_cuda_graphs(tiny_demo, monkeypatch):
     config = AutoConfig.from_pretrained(tiny_demo)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve's arithmetic as on a GPU
     monkeypatch.setattr(fast, "free_memory_bytes", lambda: 80 * 2**30)
-    monkeypatch.setattr("pipeline.compiled_layers.gpu_kernels_unavailable", lambda: None)
+    monkeypatch.setattr("tinyllama_mcp.pipeline.compiled_layers.gpu_kernels_unavailable", lambda: None)
     spec = TrainingSpec(max_length=1024, torch_compile=True)
     assert TrainingSpec().sync_free_step == "auto"
     graphs = fast.resolve(spec.model_copy(update={"cuda_graphs": True}), "sft", config, torch.bfloat16, rows=1_000)
@@ -1230,9 +1230,9 @@ def test_sync_free_step_resolves_with_cuda_graphs(tiny_demo, monkeypatch):
 def test_sync_free_step_falls_back_to_trl_where_the_head_is_not_plain(tmp_path, monkeypatch):
     """A model whose LM head the chunked loss cannot score keeps TRL's loss and the Trainer's NaN check, with a
     note saying why."""
-    from pipeline import sft_loss
-    from pipeline.events import read_events
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline import sft_loss
+    from tinyllama_mcp.pipeline.events import read_events
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     monkeypatch.setattr(sft_loss, "unsupported", lambda model: "the model scales its logits (logit_scale)")
     _, fallback = _run(run_sft, _sft_spec(dict(ON, sync_free_step=True)), tmp_path / "fallback")
@@ -1244,7 +1244,7 @@ def test_sync_free_step_falls_back_to_trl_where_the_head_is_not_plain(tmp_path, 
 
 
 def test_linear_cross_entropy_refuses_a_trained_head():
-    from pipeline import sft_loss
+    from tinyllama_mcp.pipeline import sft_loss
 
     with pytest.raises(ValueError, match="frozen LM head"):
         sft_loss.LinearCrossEntropy.apply(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2]))

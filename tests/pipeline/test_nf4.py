@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import nf4
-from pipeline.specs import QuantSpec
+from tinyllama_mcp.pipeline.nn import nf4
+from tinyllama_mcp.pipeline.specs import QuantSpec
 
 from bnb_cpu import CPU_PATHS, described
 
@@ -54,7 +54,7 @@ def test_a_weight_bitsandbytes_repacked_reads_back_true():
 def test_loaded_models_compute_the_same_on_every_cpu_path(tiny_demo, path):
     """A base the pipeline loads keeps the plain layout on either path: eval and training passes, and both paths,
     give the same logits, and every weight reads back as it was quantized."""
-    from pipeline import modeling
+    from tinyllama_mcp.pipeline import modeling
 
     def load():
         return modeling.load_base(str(tiny_demo), QuantSpec(quantization="nf4", compute_dtype="fp32"), torch.float32)

@@ -1,6 +1,6 @@
 """The CLI's failure contract: exit 2 for a wrong spec or wrong data, an `error` event, and the same
 one-line reason as the last line on stderr (docs/PIPELINE_CLI.md). The data errors are the ones of
-test_pipeline_data.py, for SFT and both DPO layouts, through `python -m pipeline run`.
+test_pipeline_data.py, for SFT and both DPO layouts, through `python -m tinyllama_mcp.pipeline run`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import data
-from pipeline.errors import UserError
-from pipeline.specs import DatasetSpec, DPOSpec, MergeSpec, SFTSpec
+from tinyllama_mcp.pipeline import data
+from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.pipeline.specs import DatasetSpec, DPOSpec, MergeSpec, SFTSpec
 
 from pipeline_testlib import run_cli, write_spec
 

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import data
-from pipeline.errors import UserError
-from pipeline.events import EventLog, read_events
-from pipeline.samples import DPO_SAMPLE, DPO_SAMPLE_PAIRS, SFT_SAMPLE
-from pipeline.specs import DatasetSpec
+from tinyllama_mcp.pipeline import data
+from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.sources import looks_local
+from tinyllama_mcp.pipeline.events import EventLog, read_events
+from tinyllama_mcp.pipeline.samples import DPO_SAMPLE, DPO_SAMPLE_PAIRS, SFT_SAMPLE
+from tinyllama_mcp.pipeline.specs import DatasetSpec
 
 SFT_ROW = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 ORCA_ROW = {"system": "", "input": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
@@ -238,7 +239,7 @@ def test_unsupported_suffix(tmp_path):
 @pytest.mark.parametrize("kind, source", [("sft", "HuggingFaceH4/ultrachat_200k"), ("dpo", "argilla/distilabel-intel-orca-dpo-pairs")])
 def test_hub_name_while_offline(monkeypatch, kind, source):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert data.is_local_source(source) is False
+    assert looks_local(source) is False
     message = load_error(source, kind)
     assert source in message and "offline" in message and "local .jsonl/.json/.parquet" in message
 
@@ -307,7 +308,7 @@ def test_rows_longer_than_max_length_are_counted(tmp_path, tokenizer, suffix, ki
 @pytest.mark.parametrize("kind, layout", [("sft", "messages"), ("dpo", "orca"), ("dpo", "prompt")])
 def test_training_emits_the_count_as_a_warning_event(tmp_path, tokenizer, kind, layout):
     """The stages call training.warn_long_rows with the real tokenizer: same count, as a `warning` event."""
-    from pipeline.training import warn_long_rows
+    from tinyllama_mcp.pipeline.training import warn_long_rows
 
     rows = long_rows(kind, layout)
     loaded = data.load(DatasetSpec(source=str(write_rows(tmp_path / "long.jsonl", rows))), kind)

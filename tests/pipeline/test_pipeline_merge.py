@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from pipeline.events import EventLog
-from pipeline.samples import SFT_SAMPLE
-from pipeline.specs import GenerationSpec, MergeSpec
+from tinyllama_mcp.pipeline.events import EventLog
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
+from tinyllama_mcp.pipeline.specs import GenerationSpec, MergeSpec
 
 from bnb_cpu import described
 from pipeline_testlib import EVAL_PROMPTS, write_spec
@@ -30,7 +30,7 @@ def prompts() -> list[list[dict]]:
 def sft_merged(sft_job, cpu_path, tmp_path_factory):
     """The SFT-only merge, run in-process on the chain's CPU path (the SFT + DPO merge ran through the CLI in the
     session chain)."""
-    from pipeline.merge import run_merge
+    from tinyllama_mcp.pipeline.merge import run_merge
 
     job_dir = write_spec(
         tmp_path_factory.mktemp("merge-sft") / "job",
@@ -69,7 +69,7 @@ def plain(tokenizer):
 
 def served(adapter_dir, tokenizer, cpu_path):
     """The adapter served unmerged: HF generate on the live PEFT model, and Generator.generate's text."""
-    from pipeline.generate import generate_ids, load_generator, render_input
+    from tinyllama_mcp.pipeline.generate import generate_ids, load_generator, render_input
 
     with described(cpu_path):
         generator = load_generator(str(adapter_dir))
@@ -111,8 +111,8 @@ def test_sft_dpo_merge_is_exact(merge_job, dpo_job, sft_merged, tokenizer, plain
 def test_merge_refuses_a_dpo_adapter_from_another_sft_job(sft_job, dpo_job, tmp_path):
     import shutil
 
-    from pipeline.errors import UserError
-    from pipeline.merge import adapter_chain
+    from tinyllama_mcp.errors import UserError
+    from tinyllama_mcp.pipeline.merge import adapter_chain
 
     other_sft = shutil.copytree(sft_job.job_dir / "adapter", tmp_path / "other-sft-adapter")
     assert adapter_chain(MergeSpec(sft_adapter=str(sft_job.job_dir / "adapter"), dpo_adapter=str(dpo_job.job_dir / "adapter")))

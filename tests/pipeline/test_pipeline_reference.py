@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from pipeline.events import EventLog, read_events
-from pipeline.samples import SFT_SAMPLE
-from pipeline.specs import LLAMA_PROJECTIONS, TrainingSpec
+from tinyllama_mcp.pipeline.events import EventLog, read_events
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
+from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS, TrainingSpec
 
 from pipeline_testlib import sft_demo_spec
 
@@ -21,7 +21,7 @@ LEVERS_OFF = {"padding_free": False, "max_tokens_per_batch": 0}
 
 
 def our_losses(tmp_path, levers: dict) -> list[float]:
-    from pipeline.sft import run_sft
+    from tinyllama_mcp.pipeline.sft import run_sft
 
     training = {"max_steps": STEPS, "seed": SEED, "save_steps": 1000, "gradient_checkpointing": False}
     training.update({k: v for k, v in levers.items() if k in TrainingSpec.model_fields})
@@ -42,7 +42,7 @@ def trl_losses(tmp_path, tiny_demo) -> list[float]:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.modeling import load_tokenizer
+    from tinyllama_mcp.pipeline.modeling import load_tokenizer
 
     rows = [json.loads(line) for line in SFT_SAMPLE.read_text("utf-8").splitlines()[:ROWS]]
     model = AutoModelForCausalLM.from_pretrained(tiny_demo, dtype=torch.float32)

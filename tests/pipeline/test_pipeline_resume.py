@@ -1,4 +1,4 @@
-"""Resume: kill -9 an SFT job mid-run, rerun `python -m pipeline run` on the same JOB_DIR, and it
+"""Resume: kill -9 an SFT job mid-run, rerun `python -m tinyllama_mcp.pipeline run` on the same JOB_DIR, and it
 continues from the checkpoint and ends where an uninterrupted run ends. A corrupt newest checkpoint
 is set aside and the previous one used. Also the `quantization: "none"` path of the CLI, with rows
 longer than max_length (a counted `warning` event).
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.samples import SFT_SAMPLE
-from pipeline.specs import EvalPromptsSpec
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
+from tinyllama_mcp.pipeline.specs import EvalPromptsSpec
 
 from pipeline_testlib import finish_cli, kill_group, sft_demo_spec, start_cli, write_spec
 
@@ -33,7 +33,7 @@ def resume_spec():
 
 def wait_for_event(proc, job_dir: Path, kind: str) -> bool:
     """Wait until events.jsonl has a `kind` event; -> whether the job is still running then."""
-    from pipeline.events import read_events
+    from tinyllama_mcp.pipeline.events import read_events
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

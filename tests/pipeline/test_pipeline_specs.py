@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from pipeline.samples import DEMO_DPO_OVERRIDES, DEMO_SFT_OVERRIDES
-from pipeline.specs import (
+from tinyllama_mcp.pipeline.samples import DEMO_DPO_OVERRIDES, DEMO_SFT_OVERRIDES
+from tinyllama_mcp.pipeline.specs import (
     LLAMA_PROJECTIONS,
     DPOSpec,
     GenerationSpec,

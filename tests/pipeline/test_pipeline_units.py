@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline import modeling
-from pipeline.checkpoints import MANIFEST, is_complete, latest_complete, mark_complete
-from pipeline.events import EventLog, read_events
+from tinyllama_mcp.pipeline import modeling
+from tinyllama_mcp.pipeline.checkpoints import MANIFEST, is_complete, latest_complete, mark_complete
+from tinyllama_mcp.pipeline.events import EventLog, read_events
 
 
 # ---------------------------------------------------------------- fp16: trainable weights in fp32
@@ -79,7 +79,7 @@ def test_cast_trainable_on_an_nf4_model(tiny_demo):
     """QLoRA: the adapters on an NF4 base, which TRL casts to bf16, go to fp32 for fp16 compute."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.specs import QuantSpec
+    from tinyllama_mcp.pipeline.specs import QuantSpec
 
     base = modeling.load_base(tiny_demo, QuantSpec(compute_dtype="fp16"), torch.float16)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))

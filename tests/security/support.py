@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import anyio.from_thread
 import pytest
 
-from server.settings import Settings
+from tinyllama_mcp.server.settings import Settings
 from tests.server.support import SAMPLES, VENV_BIN, prepare_home, serving
 
 # Text that must never reach a caller: it means an exception escaped a tool (a server bug).

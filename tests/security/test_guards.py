@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from server.worker import job_environment
+from tinyllama_mcp.server.worker import job_environment
 from tests.server.support import REPO, TINY_SFT, error_text, serving
 
 SECRET = "bearer-secret-do-not-leak-42"
@@ -81,9 +81,9 @@ def test_job_environment_never_carries_the_token(make_settings, monkeypatch):
 
 
 def test_trust_remote_code_is_never_enabled_in_the_code():
-    """Grep-style: no call in pipeline/ or server/ passes trust_remote_code (only comments mention it)."""
+    """Grep-style: no call in the packages or the benchmarks passes trust_remote_code (only comments mention it)."""
     offenders = []
-    for folder in ("pipeline", "server", "bench"):
+    for folder in ("src", "bench"):
         for path in (REPO / folder).rglob("*.py"):
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 code = line.split("#", 1)[0]
@@ -111,7 +111,7 @@ async def test_a_model_asking_for_remote_code_never_runs_it(make_settings, home,
     marker = tmp_path / "remote-code-ran"
     model = _remote_code_model(home / "data" / "evil-model", marker)
     data = home / "data" / "chat.jsonl"
-    data.write_bytes((REPO / "pipeline" / "samples" / "sft_sample.jsonl").read_bytes())
+    data.write_bytes((REPO / "src" / "tinyllama_mcp" / "pipeline" / "samples" / "sft_sample.jsonl").read_bytes())
     async with serving(make_settings()) as (client, _):
         result = await client.call_tool("generate", {"model": str(model), "prompt": "hi", "max_new_tokens": 2})
         text = error_text(result)
@@ -119,7 +119,7 @@ async def test_a_model_asking_for_remote_code_never_runs_it(make_settings, home,
         start = await client.call_tool("start_sft", {**TINY_SFT, "dataset": str(data), "base_model": str(model)})
         assert not (await client.call_tool("status", {})).is_error
     # and the pipeline (what a job would run) refuses to execute it too
-    code = ("import sys; from pipeline.modeling import load_tokenizer\n"
+    code = ("import sys; from tinyllama_mcp.pipeline.modeling import load_tokenizer\n"
             "try:\n    load_tokenizer(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__)\n")
     subprocess.run([os.sys.executable, "-c", code, str(model)], cwd=REPO, capture_output=True, timeout=120,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})

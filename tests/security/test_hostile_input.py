@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
+from tinyllama_mcp.pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
 from tests.security.support import session
 
 RUN: dict[str, int] = {}  # test name -> calls it made

@@ -15,8 +15,8 @@ import subprocess
 import httpx2
 import pytest
 
-from server.errors import UserError
-from server.transports import check_bind
+from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.server.transports import check_bind
 from tests.server.support import free_port
 from tests.server.test_http import INITIALIZE, MCP_HEADERS, TOKEN, _serve
 

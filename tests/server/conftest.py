@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from tinyllama_mcp.server.settings import Settings
 from tests.server.support import SAMPLES, VENV_BIN, prepare_home
 
 _CLEARED = ("HF_GENERATE_KWARGS", "HF_LOCAL_MODEL_PATH", "PREFER_LLM_PROVIDER", "CUDA_VISIBLE_DEVICES")
@@ -21,7 +21,7 @@ _CLEARED = ("HF_GENERATE_KWARGS", "HF_LOCAL_MODEL_PATH", "PREFER_LLM_PROVIDER", 
 def shared_cache() -> Path:
     # The pipeline's own cache (TINYLLAMA_MCP_CACHE, else ~/.cache/tinyllama-mcp): tiny-demo is
     # deterministic and versioned, so building it once for every test session is enough.
-    from pipeline.tiny_demo import cache_dir
+    from tinyllama_mcp.pipeline.tiny_demo import cache_dir
 
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)

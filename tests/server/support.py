@@ -13,11 +13,11 @@ from typing import AsyncIterator
 import anyio
 from mcp import Client
 
-from pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
-from server.app import build_server
-from server.runtime import Runtime
-from server.settings import Settings
-from server.store import JobStore
+from tinyllama_mcp.pipeline.samples import DPO_SAMPLE, SFT_SAMPLE
+from tinyllama_mcp.server.app import build_server
+from tinyllama_mcp.server.runtime import Runtime
+from tinyllama_mcp.server.settings import Settings
+from tinyllama_mcp.server.store import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from server.demo import checks
-from server.models import JobView
+from tinyllama_mcp.server.demo import checks
+from tinyllama_mcp.server.models import JobView
 
 
 def job(stage: str, **summary) -> JobView:

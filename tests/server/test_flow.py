@@ -1,6 +1,6 @@
 """The whole retrain loop through MCP: start_sft -> start_dpo -> merge -> generate, with real training.
 
-One worker runs the jobs in subprocesses (`python -m pipeline run`); DPO and merge are queued at
+One worker runs the jobs in subprocesses (`python -m tinyllama_mcp.pipeline run`); DPO and merge are queued at
 once and wait for their parents. While they train, generate loads tiny-demo in this process and
 status keeps answering quickly. Then generate answers from the merged model, by default, and from
 an unmerged SFT adapter.

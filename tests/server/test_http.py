@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from server.client import ConfigError, HuggingFaceProvider, LLMDisabled, TinyLlamaClient, ToolCallError
+from tinyllama_mcp.server.client import ConfigError, HuggingFaceProvider, LLMDisabled, TinyLlamaClient, ToolCallError
 from tests.server.support import free_port
 
 TOKEN = "test-token-0123456789"

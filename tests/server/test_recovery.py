@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.samples import SFT_SAMPLE
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
 from tests.server.support import TINY_SFT, error_text, read_events, serving, store_of, wait_for, wait_state
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import UserError
-from server.paths import dataset_source, is_hub_id, looks_local, resolve_local
-from server.settings import Settings, load_settings
+from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.server.paths import dataset_source, resolve_local
+from tinyllama_mcp.sources import is_hub_id, looks_local
+from tinyllama_mcp.server.settings import Settings, load_settings
 
 
 def test_settings_read_the_environment(monkeypatch, tmp_path):

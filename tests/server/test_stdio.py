@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-from server.client import TinyLlamaClient
+from tinyllama_mcp.server.client import TinyLlamaClient
 from tests.server.support import REPO, TINY_SFT, store_of, wait_for
 
 
 def test_the_server_imports_no_model_stack_at_start_up():
-    code = ("import sys, server.cli, server.app, server.transports, server.worker, server.client; "
+    code = ("import sys, tinyllama_mcp.server.cli, tinyllama_mcp.server.app, tinyllama_mcp.server.transports, "
+            "tinyllama_mcp.server.worker, tinyllama_mcp.server.client; "
             "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules); "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from server.stdio_front import CACHE_NAME, HandshakeCache, StdioFront, fingerprint
+from tinyllama_mcp.server.stdio_front import CACHE_NAME, HandshakeCache, StdioFront, fingerprint
 from tests.server.support import REPO, VENV_BIN
 
 VERSION = "2025-06-18"

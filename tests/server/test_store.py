@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import UserError
-from server.store import JobStore, QueueFull
+from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.server.store import JobStore, QueueFull
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import json
 import anyio
 import pytest
 
-from pipeline.specs import parse_stage_spec
+from tinyllama_mcp.pipeline.specs import parse_stage_spec
 from tests.server.support import TINY_DPO, TINY_SFT, error_text, serving, store_of
 
 async def test_tools_list_publishes_schemas_annotations_and_descriptions(make_settings):
@@ -159,7 +159,7 @@ BAD_INPUTS = [
 
 
 async def test_every_tool_rejects_bad_input_with_a_clear_error(make_settings, home, tmp_path):
-    from pipeline.samples import SFT_SAMPLE
+    from tinyllama_mcp.pipeline.samples import SFT_SAMPLE
 
     async with serving(make_settings()) as (client, _):
         jobs = {**await _finished_jobs(client, home), "sft_sample": str(SFT_SAMPLE)}

@@ -28,10 +28,10 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "src")]
 
-from pipeline.samples import SFT_SAMPLE  # noqa: E402
-from server.client import TinyLlamaClient  # noqa: E402
+from tinyllama_mcp.pipeline.samples import SFT_SAMPLE  # noqa: E402
+from tinyllama_mcp.server.client import TinyLlamaClient  # noqa: E402
 
 BIN = Path(sys.executable).parent / "tinyllama-mcp"
 TOKEN = "load-test-token"

@@ -32,10 +32,10 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "src")]
 
-from pipeline.samples import DPO_SAMPLE, SFT_SAMPLE  # noqa: E402
-from server.store import JobStore  # noqa: E402
+from tinyllama_mcp.pipeline.samples import DPO_SAMPLE, SFT_SAMPLE  # noqa: E402
+from tinyllama_mcp.server.store import JobStore  # noqa: E402
 
 BIN = Path(sys.executable).parent / "tinyllama-mcp"
 SFT = dict(dataset=str(SFT_SAMPLE), base_model="tiny-demo", max_samples=8, max_steps=12, save_steps=3,
@@ -59,9 +59,9 @@ async def enqueue(home: Path, chains: int, max_attempts: int) -> list[str]:
     os.environ.update(environment(home, max_attempts))
     from mcp import Client
 
-    from server.app import build_server
-    from server.runtime import Runtime
-    from server.settings import load_settings
+    from tinyllama_mcp.server.app import build_server
+    from tinyllama_mcp.server.runtime import Runtime
+    from tinyllama_mcp.server.settings import load_settings
 
     runtime = Runtime(load_settings(), run_worker=False)
     ids = []
@@ -75,7 +75,7 @@ async def enqueue(home: Path, chains: int, max_attempts: int) -> list[str]:
 
 
 class Scanner(threading.Thread):
-    """Every 0.1 s: how many live processes run each job (cmdline `-m pipeline run JOB_DIR`)."""
+    """Every 0.1 s: how many live processes run each job (cmdline `-m tinyllama_mcp.pipeline run JOB_DIR`)."""
 
     def __init__(self, store_path: Path) -> None:
         super().__init__(daemon=True)

@@ -1,4 +1,0 @@
-from server.cli import main
-import sys
-
-sys.exit(main())

@@ -1,0 +1,4 @@
+from tinyllama_mcp.server.cli import main
+import sys
+
+sys.exit(main())
