@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.synthetic import TINYLLAMA_SHAPE
-    from tinyllama_mcp.pipeline import fast
+    from tinyllama_mcp.pipeline.speed.adapter_switch import quick_adapter_switch
     from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
 
     shape = dict(TINYLLAMA_SHAPE, hidden_size=256, intermediate_size=704, num_attention_heads=4,
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     per_switch_ms()  # warm-up
     peft_ms = per_switch_ms()
-    fast.quick_adapter_switch(model)
+    quick_adapter_switch(model)
     per_switch_ms()
     quick_ms = per_switch_ms()
     adapter_layers = sum(1 for m in model.modules() if hasattr(m, "lora_A"))

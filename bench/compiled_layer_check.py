@@ -27,7 +27,9 @@ def lora_model(base: str, quantization: str, *, dropout: float = 0.0, master_fp3
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from tinyllama_mcp.pipeline import compiled_layers, fast, fused_lora, modeling
+    from tinyllama_mcp.pipeline import modeling
+    from tinyllama_mcp.pipeline.speed import compiled_layers, fused_lora
+    from tinyllama_mcp.pipeline.speed.dequantized_base import dequantize_base
     from tinyllama_mcp.pipeline.specs import QuantSpec
 
     model = modeling.load_base(modeling.resolve_model(base), QuantSpec(quantization=quantization,
@@ -40,10 +42,10 @@ def lora_model(base: str, quantization: str, *, dropout: float = 0.0, master_fp3
                                              target_modules=list(compiled_layers.PROJECTIONS)))
     if master_fp32:
         modeling.cast_trainable(model, torch.bfloat16, master_fp32=True)
-    fast.dequantize_base(model)
+    dequantize_base(model)
     fused_lora.fuse_lora(model)
     if compiled:
-        compiled_layers.install(model, cuda_graphs=graphs)
+        compiled_layers.install(model, compiled_layers.Settings(cuda_graphs=graphs))
     model.train()
     return model
 
@@ -52,10 +54,11 @@ def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[
     """One packed CUDA batch of random tokens per tuple of sequence lengths (widths padded as cuda_graphs pads)."""
     import torch
 
-    from tinyllama_mcp.pipeline import fast
+    from tinyllama_mcp.pipeline.speed.packing import PackedRowsCollator
+    from tinyllama_mcp.pipeline.speed.plan import GRAPH_WIDTH_MULTIPLE
 
-    collate = fast.PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
-                                      width_multiple=fast.GRAPH_WIDTH_MULTIPLE if graphs else 0, max_sequence=2048)
+    collate = PackedRowsCollator(pad_token_id=0, capacity=100_000, cu_seq_lens=True,
+                                 width_multiple=GRAPH_WIDTH_MULTIPLE if graphs else 0, max_sequence=2048)
     generator = torch.Generator().manual_seed(1)
     batches = []
     for row in lengths:
@@ -68,7 +71,7 @@ def packed_batches(model, lengths: list[tuple[int, ...]], graphs: bool) -> list[
 def run(base: str, quantization: str, compiled: bool, graphs: bool = False) -> tuple[list[float], dict, float]:
     import torch
 
-    from tinyllama_mcp.pipeline import compiled_layers, varlen_attention
+    from tinyllama_mcp.pipeline.speed import compiled_layers, varlen_attention
 
     model = lora_model(base, quantization, compiled=compiled, graphs=graphs)
     batches = packed_batches(model, [(700, 90, 1300, 400), (250, 1800, 60)], graphs)  # two widths: dynamic graph
@@ -97,7 +100,8 @@ def shared_prompt_check(base: str, quantization: str, compiled: bool) -> float:
     import torch
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from tinyllama_mcp.pipeline import dpo_packing, fast
+    from tinyllama_mcp.pipeline.nn.llama import decoder_of
+    from tinyllama_mcp.pipeline.speed import dpo_packing
 
     model = lora_model(base, quantization, compiled=compiled)
     generator = torch.Generator().manual_seed(2)
@@ -110,7 +114,7 @@ def shared_prompt_check(base: str, quantization: str, compiled: bool) -> float:
     batch = dpo_packing.PackedPairsCollator(DataCollatorForPreference(pad_token_id=0), share_prompt=True)(examples)
     batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items() if k != "completion_mask"}
     real = batch["attention_mask"].bool()
-    decoder = fast.decoder_of(model)
+    decoder = decoder_of(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         padded = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         with dpo_packing.packing(model):

@@ -30,7 +30,7 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.synthetic import TINYLLAMA_SHAPE
-    from tinyllama_mcp.pipeline.engine import Engine, SamplingParams
+    from tinyllama_mcp.pipeline.engine import Engine, EngineConfig, SamplingParams
 
     config = LlamaConfig(bos_token_id=1, eos_token_id=None, pad_token_id=0, **TINYLLAMA_SHAPE)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def main() -> int:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                  do_sample=False, pad_token_id=0)
             reference.append(out[0, len(p):].tolist())
-    eng = Engine(model, None, max_batch=8, max_len=256, eos_token_ids=[], idle_exit_s=600)
+    eng = Engine(model, None, EngineConfig(max_batch=8, max_len=256, eos_token_ids=[], idle_exit_s=600))
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     try:
         eng.generate(prompts[0], SamplingParams(max_new_tokens=16), timeout=600)  # compile and capture
@@ -57,7 +57,7 @@ def main() -> int:
         batched = [h.result(600).token_ids for h in handles]
         result = {
             "card": torch.cuda.get_device_name(0), "dtype": "float32", "new_tokens": args.new_tokens,
-            "engine": {k: v for k, v in eng.info.items()}, "prefill_graphs": sorted(eng._prefill_graphs),
+            "engine": eng.info.as_dict(), "prefill_graphs": sorted(eng.runner.graphs.prefill),
             "batch1_first_divergence": first_divergence(single, reference[0]),
             "concurrent8_first_divergence": [first_divergence(b, r) for b, r in zip(batched, reference)],
         }

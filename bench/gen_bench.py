@@ -106,23 +106,26 @@ class Report:
 
 def run_engine(model, args, report: Report, prompts: list[list[int]], tag: str, compile_mode, concurrency,
                max_batch=None):
-    from tinyllama_mcp.pipeline.engine import Engine, SamplingParams
+    from tinyllama_mcp.pipeline.engine import Engine, EngineConfig, SamplingParams
 
     new, plen = args.new_tokens, args.prompt_len
     max_len = plen + new + 64
     t0 = time.perf_counter()
-    eng = Engine(model, None, max_batch=max_batch or max(concurrency), max_len=max_len, max_queue=1024,
-                 eos_token_ids=[], compile_mode=compile_mode, attention=args.attention, idle_exit_s=600)
+    eng = Engine(model, None, EngineConfig(
+        max_batch=max_batch or max(concurrency), max_len=max_len, max_queue=1024, eos_token_ids=[],
+        compile_mode=compile_mode, attention=args.attention, idle_exit_s=600))
     build_s = time.perf_counter() - t0
     capture_s = eng.warmup(batch_sizes=sorted(set(concurrency)))
-    info = dict(eng.info, build_s=round(build_s, 2), capture_s=round(capture_s, 2), graphs=len(eng._graphs),
-                capture_sizes=eng.capture_sizes, buckets=eng.buckets, chunk=eng.chunk)
+    graphs = eng.runner.graphs
+    info = dict(eng.info.as_dict(), build_s=round(build_s, 2), capture_s=round(capture_s, 2),
+                graphs=len(graphs.decode), capture_sizes=graphs.capture_sizes, buckets=graphs.buckets,
+                chunk=eng.config.chunk)
     print(f"[gen_bench] {tag}: engine ready in {build_s:.1f}s + capture {capture_s:.1f}s: {eng.info}", flush=True)
     params = SamplingParams(max_new_tokens=new, temperature=0.0)
     try:
         # warm the prefill path at every batch size we will see, and the decode loop
         for n in sorted(set(concurrency)):
-            hs = [eng.submit(prompts[i % len(prompts)], SamplingParams(max_new_tokens=2 * eng.chunk)) for i in range(n)]
+            hs = [eng.submit(prompts[i % len(prompts)], SamplingParams(max_new_tokens=2 * eng.config.chunk)) for i in range(n)]
             [h.result(300) for h in hs]
         # batch 1 latency: best of a few
         runs = [eng.generate(prompts[0], params, timeout=300) for _ in range(args.repeats)]
@@ -145,7 +148,7 @@ def run_engine(model, args, report: Report, prompts: list[list[int]], tag: str, 
             print(f"[gen_bench] {tag}: {n} concurrent: {conc[str(n)]}", flush=True)
         # Where batch-1 latency goes besides decode: one prompt's prefill, synchronised (the engine is idle now;
         # it writes slot 0's cache rows, which the next prefill overwrites).
-        dev = eng.device
+        dev = eng.runner.device
         ids = torch.tensor([prompts[0]], device=dev)
         lengths = torch.tensor([len(prompts[0])], device=dev)
         rows = torch.zeros(1, dtype=torch.long, device=dev)
@@ -153,23 +156,23 @@ def run_engine(model, args, report: Report, prompts: list[list[int]], tag: str, 
         for _ in range(5):
             sync()
             t = time.perf_counter()
-            eng._prefill_forward(ids, lengths, rows)
+            eng.runner.prefill_forward(ids, lengths, rows)
             sync()
             prefill_ms.append((time.perf_counter() - t) * 1000)
         bs1["prefill_eager_ms"] = round(sorted(prefill_ms)[2], 2)
-        graphed = eng._prefill_graphs.get(next((b for b in eng.prefill_buckets if b >= len(prompts[0])), -1))
+        graphed = graphs.prefill.get(next((b for b in graphs.prefill_buckets if b >= len(prompts[0])), -1))
         if graphed is not None:  # what the engine replays for a batch-1 prompt of this length
             replay_ms = []
             for _ in range(5):
                 sync()
                 t = time.perf_counter()
-                graphed[0].replay()
+                graphed.graph.replay()
                 sync()
                 replay_ms.append((time.perf_counter() - t) * 1000)
             bs1["prefill_graph_ms"] = round(sorted(replay_ms)[2], 2)
-        info["prefill_graphs"] = sorted(eng._prefill_graphs)
+        info["prefill_graphs"] = sorted(graphs.prefill)
         info["stats"] = dict(eng.stats)
-        info["cuda_graphs_at_end"] = eng.use_graphs
+        info["cuda_graphs_at_end"] = graphs.enabled
         return {"info": info, "batch1": bs1, "concurrent": conc}
     finally:
         eng.close()

@@ -2,8 +2,8 @@
 
     python -m bench.graph_dropout_check
 
-The compiled layer's LoRA projection (pipeline.compiled_layers._lora) is compiled as inductor compiles it, with its
-CUDA graphs, once with inductor's own random numbers and once with ATen's (`ATEN_RANDOM`). With a zero base
+The compiled layer's LoRA projection (speed.compiled_layers._lora) is compiled as inductor compiles it, with its
+CUDA graphs, once with inductor's own random numbers and once with ATen's (`Settings.aten_random`). With a zero base
 weight and identity A and B the projection returns the dropped input itself, so each replay shows its mask: the
 check is that a replay zeroes a fraction p of the entries (within 0.5%), scales the rest by 1 / (1 - p), and
 draws a new mask each replay (consecutive masks differ on ~2p(1 - p) of the entries, as independent ones do).
@@ -19,7 +19,7 @@ import sys
 def check(aten_random: bool, rate: float = 0.1, tokens: int = 8192, width: int = 64, replays: int = 6) -> dict:
     import torch
 
-    from tinyllama_mcp.pipeline import compiled_layers
+    from tinyllama_mcp.pipeline.speed import compiled_layers
 
     options = compiled_layers.inductor_options(cuda_graphs=True, aten_random=aten_random)
     fn = torch.compile(compiled_layers._lora, fullgraph=True, options=options)

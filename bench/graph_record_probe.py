@@ -4,7 +4,7 @@ cuda_graphs), on a CUDA card.
     python -m bench.graph_record_probe [--cprofile]
 
 TinyLlama-shaped model (random weights), NF4 dequantized once, LoRA r64 (dropout 0.1), compiled layers with CUDA
-graphs, packed widths padded to fast.GRAPH_WIDTH_MULTIPLE. Times the forward and backward (no optimizer) of one
+graphs, packed widths padded to speed.plan.GRAPH_WIDTH_MULTIPLE. Times the forward and backward (no optimizer) of one
 packed width through compile, warm-up, recording and replays, then a second and third width (the second makes the
 graph dynamic: a recompile); prints torch.profiler's top GPU kernels over 3 replays with the GPU's busy time
 against the wall time, and with --cprofile the Python profile of one recording.
@@ -25,7 +25,7 @@ def main() -> int:
 
     from bench.compiled_layer_check import lora_model, packed_batches
     from bench.synthetic import build_tinyllama_shaped
-    from tinyllama_mcp.pipeline import compiled_layers, varlen_attention
+    from tinyllama_mcp.pipeline.speed import compiled_layers, varlen_attention
 
     base = str(build_tinyllama_shaped(Path("/tmp/graph_probe_model")))
     model = lora_model(base, "nf4", dropout=0.1, master_fp32=True, compiled=True, graphs=True)

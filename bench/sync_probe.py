@@ -33,8 +33,6 @@ def main(argv=None) -> int:
     import torch
     from transformers import TrainerCallback
 
-    import tinyllama_mcp.pipeline.dpo as dpo_mod
-    import tinyllama_mcp.pipeline.sft as sft_mod
     from bench import train_bench
     from bench.synthetic import build_tinyllama_shaped, dpo_rows, sft_rows, write_jsonl
 
@@ -65,13 +63,10 @@ def main(argv=None) -> int:
                 torch.cuda.set_sync_debug_mode(0)
                 control.should_training_stop = True
 
-    module = sft_mod if args.stage == "sft" else dpo_mod
-    original = module.make_callback
-    module.make_callback = lambda log, summary: train_bench.Both(original(log, summary), Probe())
     warnings.simplefilter("always")
     warnings.showwarning = record
     cfg = SimpleNamespace(base=base, dtype="auto", seconds=600.0)
-    train_bench.run_stage(cfg, args.stage, data, args.work / "run", training)
+    train_bench.run_stage(cfg, args.stage, data, args.work / "run", training, callbacks=(Probe(),))
     print(f"host syncs in {args.steps} steps of the {args.stage.upper()} stage, by call site:")
     for site, count in sites.most_common():
         print(f"{count:5d}x\n{site}")

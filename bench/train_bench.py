@@ -12,7 +12,7 @@ every sequence filling it: the shape of PERF_NOTES' Unsloth figures). Runs, per 
   a  the reference recipe as docs/ai states it: plain TRL defaults, batch 2 x accumulation 4, length 512,
      gradient checkpointing, paged_adamw_32bit (SFT lr 2e-4 cosine; DPO lr 1e-5, warmup 0.1, 200 steps).
   b  the tuned-batch HF baseline: plain TRL, batch 8 x 2048 (DPO 8 x 1024), no accumulation, checkpointing.
-  c  the project's stage (pipeline.sft.run_sft / pipeline.dpo.run_dpo in-process) at b's shape, its defaults
+  c  the project's stage (recipe.sft.run_sft / recipe.dpo.run_dpo in-process) at b's shape, its defaults
      (sequences packed into one row with varlen attention, each decoder layer one compiled function, NF4
      weights dequantized once, gradient checkpointing only when memory needs it, fused AdamW; the recipe's steps),
      torch_compile forced on (its 'auto' leaves runs this short eager: see stage_training), cuda_graphs 'auto'
@@ -33,14 +33,14 @@ every sequence filling it: the shape of PERF_NOTES' Unsloth figures). Runs, per 
      (before round 14).
   c-graphs-workers (SFT)  c-graphs with dataloader_workers=2 (round 14's measurement; 'auto' now gives c-graphs them).
   c-graphs-quiet (SFT)  c-graphs logging every 1,000 steps: what a step without the log's reads would run.
-  c-graphs-logsync (SFT)  c-graphs with each step's log read at once (pipeline.late_log off; before round 15).
+  c-graphs-logsync (SFT)  c-graphs with each step's log read at once (Plan.log_one_step_late off; before round 15).
   c-graphs-inductor-rng (SFT)  c-graphs with the LoRA dropout drawn by inductor's fused kernels
-     (compiled_layers.ATEN_RANDOM off; before round 15).
+     (Plan.aten_random off; before round 15).
   c-graphs-round14 (SFT)  both of the above: c-graphs as round 14 left it.
   c-graphs-addmm-copy (SFT)  c-graphs with each LoRA term summed by torch.addmm, which copies the base GEMM's output
-     first (compiled_layers.LORA_SUM_IN_PLACE off; before round 16).
-  c-graphs-eager-loss (SFT)  c-graphs with the loss's chunks eager (sft_loss.COMPILE_LOSS off; before round 16).
-  c-graphs-width-bound (SFT)  c-graphs with varlen attention's max_length the packed width (fast.GRAPH_ATTENTION_BOUND
+     first (Plan.lora_sum_in_place off; before round 16).
+  c-graphs-eager-loss (SFT)  c-graphs with the loss's chunks eager (Plan.compile_loss off; before round 16).
+  c-graphs-width-bound (SFT)  c-graphs with varlen attention's max_length the packed width (Plan.graph_attention_bound
      off; before round 16).
   c-graphs-round15 (SFT, DPO)  the three above (DPO: the first and the last): c-graphs as round 15 left it.
   c-syncfree (SFT)  c with sync_free_step=true, without graphs.
@@ -258,20 +258,6 @@ def paired_rates(curve: list[dict], reference: list[dict]) -> Optional[dict]:
             "ratio": round(rate / reference_rate, 3)}
 
 
-class Both:
-    """Fan TrainerCallback events out to two callbacks (the stage's own and the meter)."""
-
-    def __init__(self, *callbacks):
-        self.callbacks = callbacks
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            for cb in self.callbacks:
-                getattr(cb, name)(*args, **kwargs)
-
-        return call
-
-
 def loss_at(curve: list[dict], tokens: int, window: int = 3) -> Optional[float]:
     """Mean logged loss of the last `window` steps up to the first step that reaches `tokens`."""
     upto = []
@@ -314,12 +300,11 @@ def hf_common(cfg, out: Path, *, batch: int, accumulation: int) -> dict:
     import torch
 
     from tinyllama_mcp.pipeline import modeling
-    from tinyllama_mcp.pipeline.training import effective_optim
 
     dtype = modeling.compute_dtype(cfg.dtype)
     return dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                 gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-                optim=effective_optim("paged_adamw_32bit"), bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+                optim="paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch", bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
                 logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=42,
                 include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
 
@@ -355,7 +340,7 @@ def run_hf_dpo(cfg, pairs: list[dict], out: Path, *, batch: int, accumulation: i
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tinyllama_mcp.pipeline.dpo import to_text_pairs
+    from tinyllama_mcp.pipeline.recipe.dpo import to_text_pairs
 
     tokenizer, model, meter = hf_model(cfg)
     args = DPOConfig(**hf_common(cfg, out, batch=batch, accumulation=accumulation), learning_rate=1e-5,
@@ -409,36 +394,37 @@ def stage_training(stage: str, max_length: int) -> dict:
     return dict(shape, learning_rate=1e-5, max_steps=200, warmup_ratio=0.1)
 
 
-def call_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, callback) -> None:
-    """The project's stage function (pipeline.sft.run_sft / pipeline.dpo.run_dpo) in-process, in a fresh `out`,
-    with `callback` beside the stage's own TrainerCallback."""
-    import tinyllama_mcp.pipeline.dpo as dpo_mod
-    import tinyllama_mcp.pipeline.sft as sft_mod
+def call_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, callbacks: list,
+               overrides: Optional[dict] = None) -> None:
+    """The project's stage function (recipe.sft.run_sft / recipe.dpo.run_dpo) in-process, in a fresh `out`, with
+    `callbacks` beside the stage's own TrainerCallbacks and `overrides` (Plan fields: the lever parts without a spec
+    field, and --width-multiple)."""
     from tinyllama_mcp.pipeline.events import EventLog
+    from tinyllama_mcp.pipeline.recipe.dpo import run_dpo
+    from tinyllama_mcp.pipeline.recipe.sft import run_sft
     from tinyllama_mcp.pipeline.specs import DPOSpec, SFTSpec
 
     fresh_dir(out)
-    module = sft_mod if stage == "sft" else dpo_mod
-    original = module.make_callback
-    module.make_callback = lambda log, summary: Both(original(log, summary), callback)
     common = dict(base_model=cfg.base, dataset={"source": str(data_path)}, quant={"compute_dtype": cfg.dtype},
                   eval_prompts={"prompts": [], "max_new_tokens": 1})
     training = dict(training, save_steps=10_000_000)
     spec = SFTSpec(**common, training=training) if stage == "sft" else DPOSpec(**common, training=training)
+    if getattr(cfg, "width_multiple", None):
+        overrides = dict(overrides or {}, graph_width_multiple=cfg.width_multiple)
     log = EventLog(out / "events.jsonl")
     try:
-        (sft_mod.run_sft if stage == "sft" else dpo_mod.run_dpo)(spec, out, log)
+        (run_sft if stage == "sft" else run_dpo)(spec, out, log, callbacks=callbacks, overrides=overrides)
     finally:
-        module.make_callback = original
         log.close()
 
 
-def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> dict:
+def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, overrides: Optional[dict] = None,
+              callbacks: tuple = ()) -> dict:
     """The project's stage, measured by the meter."""
     from tinyllama_mcp.pipeline.events import read_events
 
     meter = make_meter(cfg.seconds)
-    call_stage(cfg, stage, data_path, out, training, meter)
+    call_stage(cfg, stage, data_path, out, training, [meter, *callbacks], overrides)
     start = next((e for e in read_events(out / "events.jsonl") if e["event"] == "start"), {})
     reference = start.get("reference_logps")  # DPO's reference log-probs, precomputed before the first step
     if reference and reference.get("rows"):
@@ -459,39 +445,18 @@ def run_stage(cfg, stage: str, data_path: Path, out: Path, training: dict) -> di
     return result
 
 
-def switched(module: str, name: str, value):
-    """A run wrapper: the run with pipeline.<module>.<name> set to `value`, a part of a lever that has no spec
-    field of its own, switched to measure what it buys."""
-    import importlib
-
-    def wrapper(run):
-        target = importlib.import_module(f"tinyllama_mcp.pipeline.{module}")
-        before = getattr(target, name)
-        setattr(target, name, value)
-        try:
-            return run()
-        finally:
-            setattr(target, name, before)
-
-    return wrapper
-
-
 def compared(name: str) -> bool:
     """A project run whose rate is compared (c and its lever runs; not the warm-up runs)."""
     return name.startswith("c") and not name.endswith("-warmup")
 
 
-def both(outer, *inner):
-    """Run wrappers as one."""
-    if not inner:
-        return outer
-    rest = both(*inner)
-    return lambda run: outer(lambda: rest(run))
-
-
-eager_reference = switched("compiled_layers", "REFERENCE_PASS", False)  # DPO's reference through HF's eager layers
-addmm_copy = switched("compiled_layers", "LORA_SUM_IN_PLACE", False)  # LoRA summed by addmm (copies x W^T first)
-width_bound = switched("fast", "GRAPH_ATTENTION_BOUND", False)  # graphs' attention bounded by the packed width
+# Parts of levers without a spec field of their own, switched off (Plan fields) to measure what each buys.
+EAGER_REFERENCE = {"compile_reference_pass": False}  # DPO's reference through HF's eager layers
+ADDMM_COPY = {"lora_sum_in_place": False}  # LoRA summed by addmm (copies x W^T first)
+WIDTH_BOUND = {"graph_attention_bound": False}  # graphs' attention bounded by the packed width
+LOG_AT_ONCE = {"log_one_step_late": False}  # each step's log read at once
+INDUCTOR_RNG = {"aten_random": False}  # the LoRA dropout drawn inside inductor's kernels
+EAGER_LOSS = {"compile_loss": False}  # the sync-free loss's chunks eager
 
 
 def guarded(name: str, fn, results: dict, fallback=None) -> None:
@@ -521,7 +486,7 @@ def guarded(name: str, fn, results: dict, fallback=None) -> None:
 
 
 def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, steps: int = 3,
-                  trace: Optional[Path] = None) -> str:
+                  trace: Optional[Path] = None, overrides: Optional[dict] = None) -> str:
     """Where a step of the project's SFT or DPO stage goes, in three phases of `steps` steps after
     cfg.profile_after steps (past the CUDA graphs' recordings, for a run with them):
     plain (wall time per step), torch.profiler (top ops by device time and by self CPU time), and cProfile
@@ -578,7 +543,7 @@ def profile_stage(cfg, stage: str, data_path: Path, out: Path, training: dict, s
                         state["phase"] = "done"
                         control.should_training_stop = True
 
-    call_stage(cfg, stage, data_path, out, training, Prof())
+    call_stage(cfg, stage, data_path, out, training, [Prof()], overrides)
     stopped_in = state["phase"]
     sections = [f"{steps} steps per phase of the project's {stage.upper()} stage"]
     if stopped_in in phases:  # the data ran out first: report what ran
@@ -674,7 +639,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run the project's runs (not the warm-ups) this many times")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_bench"))
     ap.add_argument("--width-multiple", type=int, default=None,
-                    help="cuda_graphs' packed-width multiple (default pipeline.fast.GRAPH_WIDTH_MULTIPLE)")
+                    help="cuda_graphs' packed-width multiple (default speed.plan.GRAPH_WIDTH_MULTIPLE)")
     ap.add_argument("--full-rows", action="store_true",
                     help="SFT rows all past max_length (cut to 2,048), DPO prompts and answers of about half of it "
                          "each, every pair's sequences filling it (prompt 512 + answer 512): the shape of PERF_NOTES' "
@@ -698,10 +663,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tinyllama_mcp.pipeline.modeling import device_name
     from tinyllama_mcp.pipeline.specs import DatasetSpec
 
-    if cfg.width_multiple:
-        import tinyllama_mcp.pipeline.fast
-
-        tinyllama_mcp.pipeline.fast.GRAPH_WIDTH_MULTIPLE = cfg.width_multiple
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -746,7 +707,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  for stage, on in (("sft", sft_on), ("dpo", dpo_on and not cfg.smoke)) if on]
         if sft_on:  # SFT with Unsloth's padded rows (its rule picks them where a padded step is cheap)
             plan.append(("sft", "unsloth-padded", lambda: run_unsloth(cfg, "sft", padded=True), None))
-    # The project's runs: (stage, name, training fields, fallback fields or None, wrapper or None). The compiled
+    # The project's runs: (stage, name, training fields, fallback fields or None, Plan overrides or None). The compiled
     # layers (and Liger's Triton kernels) compile in the first project run of a process: an untimed warm-up run
     # takes that cost, else whichever c variant runs first pays it.
     variants: list[tuple] = []
@@ -761,17 +722,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("sft", "c-graphs-workers", dict(fast_sft, cuda_graphs=True, dataloader_workers=2), None, None),
             ("sft", "c-graphs-quiet", dict(fast_sft, cuda_graphs=True, logging_steps=1000), None, None),
             ("sft", "c-graphs-logsync", dict(fast_sft, cuda_graphs=True), None,
-             switched("sft_loss", "LOG_ONE_STEP_LATE", False)),
+             LOG_AT_ONCE),
             ("sft", "c-graphs-inductor-rng", dict(fast_sft, cuda_graphs=True), None,
-             switched("compiled_layers", "ATEN_RANDOM", False)),
+             INDUCTOR_RNG),
             ("sft", "c-graphs-round14", dict(fast_sft, cuda_graphs=True), None,
-             both(switched("sft_loss", "LOG_ONE_STEP_LATE", False), switched("compiled_layers", "ATEN_RANDOM", False))),
+             {**LOG_AT_ONCE, **INDUCTOR_RNG}),
             ("sft", "c-graphs-round15", dict(fast_sft, cuda_graphs=True), None,
-             both(addmm_copy, width_bound, switched("sft_loss", "COMPILE_LOSS", False))),
-            ("sft", "c-graphs-addmm-copy", dict(fast_sft, cuda_graphs=True), None, addmm_copy),
+             {**ADDMM_COPY, **WIDTH_BOUND, **EAGER_LOSS}),
+            ("sft", "c-graphs-addmm-copy", dict(fast_sft, cuda_graphs=True), None, ADDMM_COPY),
             ("sft", "c-graphs-eager-loss", dict(fast_sft, cuda_graphs=True), None,
-             switched("sft_loss", "COMPILE_LOSS", False)),
-            ("sft", "c-graphs-width-bound", dict(fast_sft, cuda_graphs=True), None, width_bound),
+             EAGER_LOSS),
+            ("sft", "c-graphs-width-bound", dict(fast_sft, cuda_graphs=True), None, WIDTH_BOUND),
             ("sft", "c-syncfree", dict(fast_sft, sync_free_step=True), None, None),
             ("sft", "c-noworkers", dict(fast_sft, dataloader_workers=0), None, None),
         ]
@@ -783,11 +744,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("dpo", "c", fast_dpo, dict(fast_dpo, use_liger_kernel=False), None),
             ("dpo", "c-eager", dict(fast_dpo, torch_compile=False), None, None),
             ("dpo", "c-graphs", dict(fast_dpo, cuda_graphs=True), None, None),
-            ("dpo", "c-graphs-round15", dict(fast_dpo, cuda_graphs=True), None, both(addmm_copy, width_bound)),
+            ("dpo", "c-graphs-round15", dict(fast_dpo, cuda_graphs=True), None, {**ADDMM_COPY, **WIDTH_BOUND}),
             ("dpo", "c-unshared", dict(fast_dpo, share_prompt=False), None, None),
             ("dpo", "c-noworkers", dict(fast_dpo, dataloader_workers=0), None, None),
             ("dpo", "c-inline", inline, None, None),
-            ("dpo", "c-refeager", inline, None, eager_reference),
+            ("dpo", "c-refeager", inline, None, EAGER_REFERENCE),
             ("dpo", "c-padded", dict(fast_dpo, varlen_attention=False), None, None),
         ]
     if sft_on:
@@ -803,13 +764,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ]
     paths = {"sft": sft_path, "dpo": dpo_path}
 
-    def project_run(stage: str, name: str, training: dict, wrapper):
-        run = lambda: run_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_{name}", training)  # noqa: E731
-        return (lambda: wrapper(run)) if wrapper else run
+    def project_run(stage: str, name: str, training: dict, overrides: Optional[dict]):
+        return lambda: run_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_{name}", training, overrides)
 
-    for stage, name, training, fallback, wrapper in variants:
-        plan.append((stage, name, project_run(stage, name, training, wrapper),
-                     project_run(stage, name + "-fallback", fallback, wrapper) if fallback else None))
+    for stage, name, training, fallback, overrides in variants:
+        plan.append((stage, name, project_run(stage, name, training, overrides),
+                     project_run(stage, name + "-fallback", fallback, overrides) if fallback else None))
     if cfg.runs:
         wanted = set(cfg.runs.split(","))
         plan = [entry for entry in plan if entry[1] in wanted]
@@ -850,7 +810,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[stage]["paired"] = {"reference": reference, "runs": {k: v for k, v in paired.items() if v}}
 
     profiled = set(cfg.profile_runs.split(",")) if cfg.profile else set()
-    for stage, name, training, _, wrapper in variants:
+    for stage, name, training, _, overrides in variants:
         if name not in profiled or not compared(name):
             continue
         label = f"profile_{stage}" + ("" if name == "c" else f"_{name}")
@@ -858,9 +818,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             reset_memory()
             try:
                 trace = cfg.out / f"{label}_trace.json" if cfg.trace else None
-                profile = lambda: profile_stage(  # noqa: E731
-                    cfg, stage, paths[stage], cfg.work / f"{stage}_prof", training, trace=trace)
-                text = wrapper(profile) if wrapper else profile()
+                text = profile_stage(cfg, stage, paths[stage], cfg.work / f"{stage}_prof", training, trace=trace,
+                                     overrides=overrides)
             except Exception as exc:
                 traceback.print_exc()
                 text = f"profile failed: {type(exc).__name__}: {exc}"

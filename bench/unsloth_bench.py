@@ -93,7 +93,7 @@ def run_dpo(cfg, rows: list[dict], max_length: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tinyllama_mcp.pipeline.dpo import to_text_pairs
+    from tinyllama_mcp.pipeline.recipe.dpo import to_text_pairs
 
     model, tokenizer = load(cfg, max_length)
     meter = make_meter(cfg.seconds)

@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,16 +17,8 @@ import torch
 
 from tinyllama_mcp.pipeline import modeling
 from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.pipeline.generation_result import GenerationResult
 from tinyllama_mcp.pipeline.specs import GenerationSpec
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    latency_ms: float
 
 
 def resolve_ref(model_ref: str) -> tuple[str, str]:
@@ -129,21 +120,24 @@ class Generator:
             from tinyllama_mcp.pipeline.engine import SamplingParams
 
             res = engine.generate(input_ids, SamplingParams.from_spec(spec), on_text=on_text)
-            new_ids, text, finish = res.token_ids, res.text, res.finish_reason
+            new_ids, text, finish, ttft_ms = res.token_ids, res.text, res.finish_reason, res.ttft_ms
         else:
             with self._lock:
                 new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
             stopped = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
             text, cut = _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), spec.stop)
             finish = "stop" if stopped or cut or len(new_ids) < spec.max_new_tokens else "length"
+            ttft_ms = None  # transformers' generate returns all tokens at once
             if on_text is not None:
                 on_text(text, len(new_ids))
         return GenerationResult(
             text=text.strip(),
+            finish_reason=finish,
             prompt_tokens=len(input_ids),
             completion_tokens=len(new_ids),
-            finish_reason=finish,
             latency_ms=round((time.perf_counter() - start) * 1000, 1),
+            token_ids=new_ids,
+            ttft_ms=ttft_ms,
         )
 
     def close(self) -> None:

@@ -197,7 +197,7 @@ def stack_base(stack: dict, dtype: torch.dtype):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="tinyllama-mcp-policy-") as tmp:
-            model.save_pretrained(tmp)  # as pipeline.dpo.sft_merged_base does before training
+            model.save_pretrained(tmp)  # as recipe.dpo.sft_merged_base does before training
             model = load_dequantized(tmp, QuantSpec(**policy_quant), dtype)
     return model
 

@@ -96,13 +96,13 @@ def _fail(log: EventLog, message: str, code: int) -> int:
 
 def _run_stage(spec, job_dir: Path, log: EventLog) -> dict:
     if spec.stage == "sft":
-        from tinyllama_mcp.pipeline.sft import run_sft
+        from tinyllama_mcp.pipeline.recipe.sft import run_sft
 
         return run_sft(spec, job_dir, log)
     if spec.stage == "dpo":
-        from tinyllama_mcp.pipeline.dpo import run_dpo
+        from tinyllama_mcp.pipeline.recipe.dpo import run_dpo
 
         return run_dpo(spec, job_dir, log)
-    from tinyllama_mcp.pipeline.merge import run_merge
+    from tinyllama_mcp.pipeline.recipe.merge import run_merge
 
     return run_merge(spec, job_dir, log)

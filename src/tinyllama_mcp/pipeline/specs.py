@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from tinyllama_mcp.pipeline.nn.llama import PROJECTIONS as LLAMA_PROJECTIONS
+
 # The reference base model of the recipe, and the embedded model that needs no download.
 REFERENCE_BASE_MODEL = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
 TINY_DEMO = "tiny-demo"
@@ -20,8 +22,6 @@ REFERENCE_SFT_DATASET = "HuggingFaceH4/ultrachat_200k"
 REFERENCE_SFT_SPLIT = "test_sft"
 REFERENCE_SFT_ROWS = 3000
 REFERENCE_DPO_DATASET = "argilla/distilabel-intel-orca-dpo-pairs"
-
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class _Spec(BaseModel):
@@ -72,148 +72,65 @@ class QuantSpec(_Spec):
 
 
 MAX_DATALOADER_WORKERS = 16
+Auto = Literal["auto"]
 
 
-class TrainingSpec(_Spec):
-    """Optimizer and schedule; field names follow transformers' TrainingArguments."""
+class SpeedSpec(_Spec):
+    """The speed-ups: none changes what is learned per token; each can be switched off, and all off is the recipe as
+    written (docs/speed.md says what each one does and what it measured). 'auto' is decided per stage and machine."""
 
-    per_device_train_batch_size: int = Field(2, ge=1, le=1024)
-    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up.")
-    num_train_epochs: float = Field(1.0, gt=0, le=1000)
-    max_steps: int = Field(-1, ge=-1, le=10_000_000, description="-1: run num_train_epochs; else stop here.")
-    max_length: int = Field(512, ge=16, le=131_072, description="Tokens per example; longer rows are truncated.")
-    optim: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0, le=1000)
-    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="Recompute activations in the backward pass to save memory. 'auto': only when the estimated "
-        "activations of one micro-batch do not fit in free GPU memory (speed lever, issue 4).",
-    )
-    # ---- speed levers (issue 4); each can be switched off, none changes what is learned per token
+    gradient_checkpointing: Union[bool, Auto] = Field(
+        "auto", description="Recompute activations in the backward pass; 'auto': only when one micro-batch's "
+        "estimated activations do not fit in free GPU memory.")
     padding_free: bool = Field(
-        True,
-        description="SFT: pack each micro-batch's sequences into rows with restarting position_ids and no "
-        "attention mask (no attention across sequences, far fewer pad tokens). DPO: drop the mask of "
-        "right-padded batches (exact under causal attention), so attention takes the flash kernel.",
-    )
+        True, description="SFT: pack each micro-batch's sequences with no attention across them; DPO: drop the mask "
+        "of right-padded rows (exact under causal attention).")
     max_tokens_per_batch: int = Field(
-        16384, ge=0, le=10_000_000,
-        description="Fuse the gradient-accumulation micro-batches of one optimizer step into the largest "
-        "micro-batch (dividing the step's sequences) whose sequences x max_length (x2 for DPO) fit this budget; "
-        "all in one forward when the whole step fits: the same sequences per step, the same gradient, fewer "
-        "and larger kernels. 0: off.",
-    )
+        16384, ge=0, le=10_000_000, description="Fuse an optimizer step's micro-batches into the largest one whose "
+        "sequences x max_length (x2 for DPO) fit this budget: the same gradient, larger kernels; 0: off.")
     fused_optimizer: bool = Field(
-        True,
-        description="CUDA: run paged_adamw_32bit / adamw_torch as torch's fused AdamW (adamw_torch_fused) with fp32 "
-        "states and fp32 LoRA master weights (compute stays bf16/fp16 under autocast): the same AdamW math in a "
-        "few kernels instead of one paged bitsandbytes launch per tensor (~300 a step of a CPU-bound step; "
-        "BENCHMARKS.md). Kept off in the memory-saving mode (activation_offloading=true), whose optimizer states "
-        "stay paged. 8-bit optimizers are left as they are. On a CPU the optimizer is adamw_torch either way.",
-    )
-    tokens_per_step: Union[int, Literal["auto"]] = Field(
-        0,
-        description="Off (0) by default: it changes the recipe's sequences per step, and on an H200 it made the "
-        "SFT stage no faster (BENCHMARKS.md). Real (non-pad) tokens one optimizer step should hold: the recipe's "
-        "sequences per step (batch x accumulation) are multiplied by "
-        "k = round(tokens_per_step / (sequences x mean tokens)), "
-        "max_steps and save_steps are divided by k (same sequences trained), cosine over the fewer steps, "
-        "same warmup fraction, same peak learning rate. 'auto': 24576 on CUDA, 0 on a CPU. 0: off.",
-    )
-    torch_compile: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="Run each decoder layer's training forward (norms, RoPE, attention, SwiGLU and the seven LoRA "
-        "projections) as one torch.compile'd function shared by all layers (pipeline.compiled_layers), and DPO's "
-        "reference pass (the adapter off) as its own inference graph: far fewer kernel launches in a step bound by "
-        "them; with sync_free_step, SFT's chunked loss is compiled too. Needs packed batches (padding_free with varlen_attention) and a Llama-shaped model; the first step pays the compile (15-20 s on an H200). 'auto': on with CUDA, without "
-        "gradient checkpointing, for runs of at least 3M real tokens (where the compile pays back); false: HF's "
-        "eager layers.",
-    )
-    cuda_graphs: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="With torch_compile on CUDA: replay the compiled layers' forward and backward as CUDA graphs "
-        "(inductor's CUDA graph trees), so a step's layers cost a few graph launches of host time instead of "
-        "~2,500 kernel launches (H200, steps without recordings, same process: SFT 49.5k -> 55.9k tokens/s, DPO "
-        "61k -> 71k). A graph is recorded per packed width, so packed widths are padded (a segment of pad tokens "
-        "without loss) up to a "
-        "multiple of 1,024 tokens, and each width's first steps record it (~3 s each; ~8 widths for SFT's chat data, "
-        "~11 width pairs for DPO). Not under gradient checkpointing. 'auto': SFT runs of at least 2.5M real tokens "
-        "for each packed width their rows meet (chat rows ~12 widths, so ~30M; rows that fill max_length one), DPO "
-        "runs of at least 24M, where the recordings pay back (BENCHMARKS.md, rounds 14 and 17). With it, SFT's "
-        "sync_free_step and "
-        "dataloader_workers 'auto' are on. true: wherever it applies; false: off.",
-    )
-    sync_free_step: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="SFT with padding_free: a step that never waits for the GPU. The collator lists "
-        "the labelled positions and counts the real tokens on the CPU, the loss scores those positions through the "
-        "LM head in chunks (TRL's loss, entropy and token accuracy, the metrics read at the log), batches are "
-        "copied from pinned memory without blocking, the per-step NaN check of the loss is off (a NaN loss is "
-        "logged as NaN), and a step's log is written at the next step's end from a copy the GPU made (a "
-        "checkpoint's step and the last log at once). It pays where the GPU sets the pace: with cuda_graphs "
-        "(BENCHMARKS.md, rounds 14 and 15). 'auto': "
-        "on with cuda_graphs; true: on wherever the batch is packed; false: TRL's loss.",
-    )
-    dequantized_base: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="Dequantize the frozen NF4 base weights once and multiply with those 16-bit copies, instead of "
-        "bitsandbytes dequantizing every weight in every forward and backward: the same values (bitsandbytes "
-        "computes exactly these copies each call), so the same QLoRA model and gradients, for ~2 bytes a base "
-        "weight of GPU memory (1.8 GiB for TinyLlama) and ~300 fewer dequantize calls a step (BENCHMARKS.md). "
-        "'auto': on CUDA when the copies take under a quarter of free memory, never in the memory-saving mode "
-        "(activation_offloading=true) nor on a CPU.",
-    )
-    use_liger_kernel: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="Liger's fused Triton kernels for RoPE, SwiGLU and RMSNorm (CUDA only; skipped with a note on "
-        "a CPU). true: all three. 'auto': all three with gradient checkpointing, where they keep the recompute's "
-        "memory small; without it only RoPE: each Liger call costs ~0.2 ms of host time, and in this host-bound "
-        "step transformers' own SwiGLU and RMSNorm ops cost less (BENCHMARKS.md). false: none.",
-    )
+        True, description="CUDA: paged_adamw_32bit and adamw_torch run as torch's fused AdamW with fp32 states and "
+        "fp32 LoRA master weights (not in the memory-saving mode).")
+    tokens_per_step: Union[int, Auto] = Field(
+        0, description="Real tokens an optimizer step should hold: k x the recipe's sequences a step, max_steps and "
+        "save_steps divided by k; 'auto': 24,576 on CUDA, 0 on a CPU; 0: off (the recipe's steps).")
+    torch_compile: Union[bool, Auto] = Field(
+        "auto", description="Each decoder layer's training forward, and DPO's reference pass, as one compiled "
+        "function (packed batches, plain Llama); 'auto': on CUDA without checkpointing, for runs that repay the "
+        "compile.")
+    cuda_graphs: Union[bool, Auto] = Field(
+        "auto", description="With torch_compile on CUDA: the compiled layers replayed as CUDA graphs, packed widths "
+        "padded to a multiple; 'auto': for runs that repay one recording per packed width.")
+    sync_free_step: Union[bool, Auto] = Field(
+        "auto", description="SFT on packed batches: a step that never waits for the GPU (loss scored in chunks, the "
+        "log written one step late, no per-step NaN check); 'auto': with cuda_graphs.")
+    dequantized_base: Union[bool, Auto] = Field(
+        "auto", description="The frozen NF4 base weights dequantized once and used as 16-bit copies (the same "
+        "values); 'auto': on CUDA when they take under a quarter of free memory, not in the memory-saving mode.")
+    use_liger_kernel: Union[bool, Auto] = Field(
+        "auto", description="Liger's Triton kernels (CUDA); true: RoPE, SwiGLU and RMSNorm; 'auto': all three "
+        "under gradient checkpointing, else RoPE alone, none with the compiled layers.")
     fused_lora: bool = Field(
-        True,
-        description="Run each LoRA projection (base matmul, dropout, A, B, scaling) as one autograd function with a "
-        "hand-written backward instead of peft's chain of modules: the same math and dropout draws, a fraction of "
-        "the Python and kernel launches of a step that is bound by them (pipeline/fused_lora.py).",
-    )
+        True, description="Each LoRA projection (base matmul, dropout, A, B, scaling) as one autograd function, "
+        "projections of one input together.")
     varlen_attention: bool = Field(
-        True,
-        description="With padding_free: one packed row per micro-batch and variable-length flash attention over "
-        "the sequence boundaries (each sequence's own causal attention, exactly). SFT: instead of rows of max_length "
-        "with a block-diagonal mask through sdpa; DPO: instead of TRL's rows padded to the longest, so no padding "
-        "is computed. CUDA kernel from torch >= 2.10; on a CPU each sequence runs through causal sdpa on its own.",
-    )
+        True, description="With padding_free: each micro-batch one packed row, attention variable-length over the "
+        "sequence boundaries (each sequence's own causal attention).")
     activation_offloading: bool = Field(
-        False,
-        description="Offload saved activations to pinned CPU memory (TRL); with gradient_checkpointing=true this "
-        "is the memory-saving mode. CUDA only.",
-    )
-    precompute_ref_log_probs: Union[bool, Literal["auto"]] = Field(
-        "auto",
-        description="DPO: compute the reference log-probs once before training (on the prepared model, in batches "
-        "4x the step's) instead of a reference forward every step. 'auto': when the run trains every row at least "
-        "once (else it would pay for rows never seen).",
-    )
-    dataloader_workers: Union[int, Literal["auto"]] = Field(
-        "auto",
-        description="Worker processes that read and collate the next batches while the GPU trains on this one "
-        "(tokenized rows to packed tensors), and DPO's precomputed reference pass: data preparation off the step's "
-        "critical path. 'auto': 2 for DPO on "
-        "CUDA (its preference batches take the longest to collate) and for SFT with cuda_graphs (where the GPU sets "
-        "the pace), else 0 (SFT's host-bound step measured no faster; on a CPU the step itself is the CPU's work). "
-        "0: collate in the training process.",
-    )
+        False, description="Saved activations offloaded to pinned CPU memory (CUDA); with gradient_checkpointing="
+        "true, the memory-saving mode.")
+    precompute_ref_log_probs: Union[bool, Auto] = Field(
+        "auto", description="DPO: the reference log-probs computed once before training instead of in every step; "
+        "'auto': when the run trains every row at least once.")
+    dataloader_workers: Union[int, Auto] = Field(
+        "auto", description="Processes that collate the next batches while the GPU trains; 'auto': 2 for DPO on "
+        "CUDA and for SFT with cuda_graphs, else 0.")
     share_prompt: bool = Field(
-        True,
-        description="DPO, with padding_free and varlen_attention: the tokens a pair's chosen and rejected rows begin "
-        "with (the prompt) run through the model once, and both answers attend to them; the same log-probs "
-        "(causal attention: a prompt token never sees the answer), fewer tokens computed.",
-    )
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+        True, description="DPO on packed pairs: the prompt a pair's answers share runs through the model once, both "
+        "answers attending to it (the same log-probs).")
+    lean_steps: bool = Field(
+        True, description="Skip the Trainer's per-step walks over every module and parameter where they change "
+        "nothing, and switch DPO's reference adapter over its layers listed once.")
 
     @field_validator("tokens_per_step")
     @classmethod
@@ -229,12 +146,44 @@ class TrainingSpec(_Spec):
             raise ValueError(f"dataloader_workers must be 'auto' or an integer from 0 (collate in the training "
                              f"process) to {MAX_DATALOADER_WORKERS}")
         return value
+
+
+SPEED_FIELDS = frozenset(SpeedSpec.model_fields)
+
+
+class TrainingSpec(_Spec):
+    """The recipe's optimizer and schedule (field names follow transformers' TrainingArguments), and its speed-ups."""
+
+    per_device_train_batch_size: int = Field(2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up.")
+    num_train_epochs: float = Field(1.0, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, le=10_000_000, description="-1: run num_train_epochs; else stop here.")
+    max_length: int = Field(512, ge=16, le=131_072, description="Tokens per example; longer rows are truncated.")
+    optim: Literal["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = "paged_adamw_32bit"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     logging_steps: int = Field(1, ge=1, le=100_000)
     save_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every this many optimizer steps.")
     save_total_limit: int = Field(2, ge=1, le=100, description="Keep this many newest checkpoints.")
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows for an eval loss at the end (0: none)."
     )
+    speed: SpeedSpec = Field(default_factory=SpeedSpec, description="The speed-ups (none changes what is learned).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _speed_fields_of_older_specs(cls, data):
+        """spec.json files written before the speed-ups had their own model keep them beside the recipe's fields."""
+        if isinstance(data, dict) and SPEED_FIELDS & data.keys():
+            data = dict(data)
+            speed = {name: data.pop(name) for name in SPEED_FIELDS & data.keys()}
+            nested = data.get("speed") or {}
+            data["speed"] = {**(nested.model_dump() if isinstance(nested, SpeedSpec) else nested), **speed}
+        return data
 
 
 class EvalPromptsSpec(_Spec):

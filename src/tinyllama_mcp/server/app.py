@@ -19,6 +19,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetad
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tinyllama_mcp.server import SERVER_NAME, __version__
+from tinyllama_mcp.server import job_views
 from tinyllama_mcp.server import tools as logic
 from tinyllama_mcp.errors import UserError
 from tinyllama_mcp.server.errors import describe_validation_error
@@ -27,6 +28,7 @@ from tinyllama_mcp.server.models import (
     StartSFTInput, StatusInput, StatusOutput,
 )
 from tinyllama_mcp.server.runtime import Runtime
+from tinyllama_mcp.server.services import Services
 
 INSTRUCTIONS = """\
 Fine-tune and query a small local LLM (TinyLlama-1.1B by default; 'tiny-demo' is an embedded model that
@@ -118,7 +120,7 @@ def _annotations(*, read_only: bool, destructive: bool, idempotent: bool) -> mcp
     )
 
 
-def _in_thread(function: Callable[[logic.Services, Any], BaseModel], svc: logic.Services):
+def _in_thread(function: Callable[[Services, Any], BaseModel], svc: Services):
     """Store and preflight work blocks (SQLite, file reads): keep it off the event loop."""
 
     async def handler(args: Any) -> BaseModel:
@@ -192,7 +194,7 @@ def build_server(runtime: Runtime) -> MCPServer:
     )
     async def job_resource(job_id: str) -> str:
         try:
-            return await anyio.to_thread.run_sync(logic.job_json, svc, job_id)
+            return await anyio.to_thread.run_sync(job_views.job_json, svc, job_id)
         except UserError as exc:
             raise ResourceNotFoundError(str(exc)) from None
 

@@ -13,26 +13,18 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Awaitable, Callable, Optional
 
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from tinyllama_mcp.pipeline.generation_result import GenerationResult
 from tinyllama_mcp.pipeline.specs import GenerationSpec
 from tinyllama_mcp.errors import UserError
 
 log = logging.getLogger("tinyllama_mcp")
-
-
-@dataclass(frozen=True)
-class Generated:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    latency_ms: float
 
 
 class GeneratorCache:
@@ -72,22 +64,17 @@ class GeneratorCache:
     def generate_sync(
         self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
         on_text: Optional[Callable[[str, int], None]] = None,
-    ) -> Generated:
+    ) -> GenerationResult:
+        """The generator's result, its latency counted from here: a model's first load included."""
         started = time.perf_counter()
         generator = self._get(model_ref)
         result = generator.generate(messages=messages, prompt=prompt, spec=spec, on_text=on_text)
-        return Generated(
-            text=result.text,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason,
-            latency_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
+        return replace(result, latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
     async def generate(
         self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
         report_progress: Optional[Callable[[float, Optional[float], Optional[str]], Awaitable[None]]] = None,
-    ) -> Generated:
+    ) -> GenerationResult:
         """`report_progress(completion_tokens, max_new_tokens, partial_text)` is awaited on this loop as text grows."""
         on_text = None
         async with anyio.create_task_group() as reports:

@@ -15,9 +15,9 @@ import anyio
 import anyio.to_thread
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 
-from tinyllama_mcp.server import tools as logic
 from tinyllama_mcp.server.generation import GeneratorCache
 from tinyllama_mcp.server.settings import Settings
+from tinyllama_mcp.server.services import Services
 from tinyllama_mcp.server.store import JobStore
 
 log = logging.getLogger("tinyllama_mcp")
@@ -37,7 +37,7 @@ class Runtime:
         self.run_worker = settings.worker if run_worker is None else run_worker
         self.pool = WorkerPool(settings) if self.run_worker else None
         devices = self.pool.devices if self.pool is not None else slot_devices(settings)
-        self.services = logic.Services(
+        self.services = Services(
             settings=settings, store=self.store, generators=GeneratorCache(), devices=devices,
             worker_enabled=self.run_worker,
         )

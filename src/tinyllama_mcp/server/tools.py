@@ -8,13 +8,8 @@ to a second; the worker runs the job.
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 import shutil
-import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,137 +18,24 @@ from pydantic import ValidationError
 from tinyllama_mcp.errors import UserError
 from tinyllama_mcp.files import write_atomic
 from tinyllama_mcp.pipeline.data import Preflight
-from tinyllama_mcp.pipeline.specs import TINY_DEMO, DatasetSpec, DPOSpec, GenerationSpec, MergeSpec, SFTSpec
+from tinyllama_mcp.pipeline.specs import DatasetSpec, DPOSpec, GenerationSpec, MergeSpec, SFTSpec
+from tinyllama_mcp.server import job_views
 from tinyllama_mcp.server.errors import describe_validation_error
-from tinyllama_mcp.server.events import log_tail
-from tinyllama_mcp.server.generation import GeneratorCache
 from tinyllama_mcp.server.models import (
-    CancelInput, CancelOutput, GenerateInput, GenerateOutput, JobView, Metrics, MergeInput,
-    Progress, StartDPOInput, StartJobOutput, StartSFTInput, StatusInput, StatusOutput, Usage, WorkerView,
-    _TrainingArgs,
+    CancelInput, CancelOutput, GenerateInput, GenerateOutput, MergeInput, StartDPOInput, StartJobOutput,
+    StartSFTInput, StatusInput, StatusOutput, Usage, _TrainingArgs,
 )
-from tinyllama_mcp.server.paths import dataset_source, resolve_local
-from tinyllama_mcp.sources import is_hub_id, looks_local, offline
-from tinyllama_mcp.server.settings import Settings
-from tinyllama_mcp.server.store import JOB_ID_PATTERN, Job, JobStore
+from tinyllama_mcp.server.paths import dataset_source
+from tinyllama_mcp.server.references import (
+    require_job, resolve_base_model, resolve_generate_model, resolved_or_none,
+)
+from tinyllama_mcp.server.services import Services
 
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 _TRAINING_FIELDS = (
     "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "save_steps", "seed",
 )
 _LORA_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
-
-
-@dataclass
-class Services:
-    """What the tools work with; one per server process."""
-
-    settings: Settings
-    store: JobStore
-    generators: GeneratorCache = field(default_factory=GeneratorCache)
-    devices: list[Optional[str]] = field(default_factory=list)  # GPU id per worker slot (None: CPU)
-    worker_enabled: bool = True
-
-
-# --------------------------------------------------------------------------- references
-def _job_ref(svc: Services, ref: str) -> Optional[Job]:
-    """A job named by its id or its output_name; None when `ref` names no job."""
-    if _JOB_ID.match(ref):
-        job = svc.store.get(ref)
-        if job is None:
-            raise UserError(f"no job {ref!r}; call status without job_id to list jobs")
-        return job
-    return svc.store.find_by_name(ref)
-
-
-def _require_job(svc: Services, job_id: str, stage: str, *, allow_unfinished: bool) -> Job:
-    job = svc.store.get(job_id)
-    if job is None:
-        raise UserError(f"no job {job_id!r}; call status without job_id to list jobs")
-    if job.stage != stage:
-        raise UserError(f"job {job_id} is a {job.stage} job, not a {stage} job")
-    if job.state in ("failed", "cancelled"):
-        raise UserError(f"job {job_id} {job.state}; start that stage again and use the new job's id")
-    if not allow_unfinished and job.state != "succeeded":
-        raise UserError(f"job {job_id} is still {job.state}; wait until status shows 'succeeded'")
-    return job
-
-
-def _local_model(svc: Services, ref: str) -> str:
-    path = resolve_local(ref, svc.settings.model_root_paths(), "model")
-    if not path.is_dir():
-        raise UserError(f"model {ref!r} is not a folder ({path}); pass a checkpoint folder, a hub id or a job id")
-    return str(path)
-
-
-def _offline(svc: Services) -> bool:
-    return svc.settings.offline if svc.settings.offline is not None else offline()
-
-
-def _hub_model_available(svc: Services, name: str) -> str:
-    """A hub model id, refused at once when offline and not in the local cache (the job could only fail)."""
-    if not _offline(svc):
-        return name
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # an id the hub library itself rejects
-        cached = False
-    if not cached:
-        raise UserError(
-            f"model {name!r} is not in the local Hugging Face cache and this server is offline (HF_HUB_OFFLINE); "
-            "pass a local checkpoint folder, a merge job id or 'tiny-demo'"
-        )
-    return name
-
-
-def resolve_base_model(svc: Services, ref: Optional[str]) -> str:
-    """A training base model: 'tiny-demo', a hub id, a local checkpoint folder, or a finished merge job."""
-    if ref is None:
-        return svc.settings.base_model  # the operator's own setting: trusted as is
-    if ref == TINY_DEMO:
-        return ref
-    job = _job_ref(svc, ref)
-    if job is not None:
-        if job.stage != "merge":
-            raise UserError(
-                f"{ref!r} is a {job.stage} job; train on top of it with start_dpo(sft_job_id=...) or merge it first"
-            )
-        _require_job(svc, job.id, "merge", allow_unfinished=False)
-        return str(job.job_dir / "merged")
-    if looks_local(ref):
-        return _local_model(svc, ref)
-    if is_hub_id(ref):
-        return _hub_model_available(svc, ref)
-    raise UserError(f"base_model {ref!r} is neither 'tiny-demo', a hub id, a local folder nor a merge job")
-
-
-def resolve_generate_model(svc: Services, ref: Optional[str]) -> tuple[str, str]:
-    """(what pipeline.generate.load_generator gets, how the answer names it)."""
-    if ref is None:
-        if svc.settings.hf_local_model_path:
-            return svc.settings.hf_local_model_path, svc.settings.hf_local_model_path
-        newest = svc.store.newest_succeeded("merge")
-        if newest is not None:
-            return str(newest.job_dir / "merged"), f"{newest.id} (newest merged model)"
-        return TINY_DEMO, TINY_DEMO
-    if ref == TINY_DEMO:
-        return ref, ref
-    job = _job_ref(svc, ref)
-    if job is not None:
-        _require_job(svc, job.id, job.stage, allow_unfinished=False)
-        folder = job.job_dir / ("merged" if job.stage == "merge" else "adapter")
-        if not folder.is_dir():
-            raise UserError(f"job {job.id} has no {folder.name}/ folder; its artifacts were removed")
-        return str(folder), job.id if job.name is None else f"{job.id} ({job.name})"
-    if looks_local(ref):
-        path = _local_model(svc, ref)
-        return path, path
-    if is_hub_id(ref):
-        return ref, ref
-    raise UserError(f"model {ref!r} is neither a job id, an output_name, 'tiny-demo', a hub id nor a local folder")
 
 
 # --------------------------------------------------------------------------- start_* helpers
@@ -246,20 +128,13 @@ def start_sft(svc: Services, args: StartSFTInput) -> StartJobOutput:
                     "for preference tuning, or merge(sft_job_id='{job_id}') for a standalone model.")
 
 
-def _resolved_or_none(svc: Services, ref: str) -> Optional[str]:
-    try:
-        return resolve_base_model(svc, ref)
-    except UserError:  # e.g. a hub id while offline: it differs from the SFT job's base all the same
-        return None
-
-
 def start_dpo(svc: Services, args: StartDPOInput) -> StartJobOutput:
     parents: list[str] = []
     sft_adapter = None
     if args.sft_job_id is not None:
-        sft = _require_job(svc, args.sft_job_id, "sft", allow_unfinished=True)
+        sft = require_job(svc, args.sft_job_id, "sft", allow_unfinished=True)
         base_model = sft.spec["base_model"]
-        if args.base_model is not None and args.base_model != base_model and _resolved_or_none(svc, args.base_model) != base_model:
+        if args.base_model is not None and args.base_model != base_model and resolved_or_none(svc, args.base_model) != base_model:
             raise UserError(
                 f"base_model {args.base_model!r} differs from the base of SFT job {sft.id} ({base_model}); "
                 "omit base_model: DPO always trains on its SFT job's base"
@@ -282,7 +157,7 @@ def start_dpo(svc: Services, args: StartDPOInput) -> StartJobOutput:
 
 
 def merge(svc: Services, args: MergeInput) -> StartJobOutput:
-    dpo = _require_job(svc, args.dpo_job_id, "dpo", allow_unfinished=True) if args.dpo_job_id else None
+    dpo = require_job(svc, args.dpo_job_id, "dpo", allow_unfinished=True) if args.dpo_job_id else None
     sft_id = args.sft_job_id
     if dpo is not None and dpo.parents:
         if sft_id is not None and sft_id != dpo.parents[0]:
@@ -292,7 +167,7 @@ def merge(svc: Services, args: MergeInput) -> StartJobOutput:
         sft_id = dpo.parents[0]
     elif dpo is not None and sft_id is not None:
         raise UserError(f"DPO job {dpo.id} was trained straight on its base model; merge it without sft_job_id")
-    sft = _require_job(svc, sft_id, "sft", allow_unfinished=True) if sft_id else None
+    sft = require_job(svc, sft_id, "sft", allow_unfinished=True) if sft_id else None
     # The first adapter goes into the base; a DPO adapter trained on a base (no SFT) is that first adapter.
     first, second = (sft, dpo) if sft is not None else (dpo, None)
     assert first is not None
@@ -308,7 +183,7 @@ def merge(svc: Services, args: MergeInput) -> StartJobOutput:
 
 
 def status(svc: Services, args: StatusInput) -> StatusOutput:
-    workers = _workers(svc)
+    workers = job_views.workers(svc)
     devices = ", ".join(f"slot {i}: GPU {gpu}" if gpu is not None else f"slot {i}: CPU" for i, gpu in enumerate(svc.devices))
     if not svc.worker_enabled:
         devices += " (jobs run in another process: this server runs no worker)"
@@ -317,9 +192,9 @@ def status(svc: Services, args: StatusInput) -> StatusOutput:
         job = svc.store.get(args.job_id)
         if job is None:
             raise UserError(f"no job {args.job_id!r}; call status without job_id to list jobs")
-        return StatusOutput(job=job_view(svc, job, args.log_lines), queue=queue, workers=workers, devices=devices,
-                            hint=_hint(job, workers))
-    jobs = [job_view(svc, job, 0) for job in svc.store.recent(args.limit)]
+        return StatusOutput(job=job_views.job_view(svc, job, args.log_lines), queue=queue, workers=workers,
+                            devices=devices, hint=job_views.hint(job, workers))
+    jobs = [job_views.job_view(svc, job, 0) for job in svc.store.recent(args.limit)]
     hint = "" if any(w.alive for w in workers) or not queue else (
         "No worker is alive: queued jobs wait until a server process with TINYLLAMA_MCP_WORKER=1 or "
         "`tinyllama-mcp worker` runs."
@@ -383,84 +258,3 @@ async def generate(svc: Services, args: GenerateInput, report_progress=None) -> 
     )
 
 
-# --------------------------------------------------------------------------- views
-def _iso(ts: Optional[float]) -> Optional[str]:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-def job_view(svc: Services, job: Job, log_lines: int) -> JobView:
-    p = job.progress
-    step = p.get("step") or {}
-    start = p.get("start") or {}
-    total = step.get("total") or start.get("total_steps")
-    progress = None
-    if step or total:
-        current = step.get("step", start.get("resume_step") or 0)
-        percent = round(100.0 * current / total, 1) if total else None
-        if job.state == "succeeded" and total:
-            percent = 100.0
-        progress = Progress(step=current, total=total, percent=percent, epoch=step.get("epoch"))
-    metric_names = ("loss", "learning_rate", "grad_norm", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected")
-    values = {name: step[name] for name in metric_names if isinstance(step.get(name), (int, float))}
-    eval_loss = (p.get("eval") or {}).get("eval_loss")
-    metrics = Metrics(**values, eval_loss=eval_loss) if values or eval_loss is not None else None
-    artifacts = dict(p.get("artifacts") or {})
-    if job.state == "succeeded":
-        for kind in ("adapter", "merged"):
-            if kind not in artifacts and (job.job_dir / kind).is_dir():
-                artifacts[kind] = str(job.job_dir / kind)
-    error = job.error
-    if job.state in ("running", "queued") and p.get("error"):
-        error = error or p.get("error")
-    return JobView(
-        job_id=job.id, stage=job.stage, state=job.state, output_name=job.name,
-        base_model=job.spec.get("base_model"), parents=job.parents,
-        created_at=_iso(job.created_at), started_at=_iso(job.started_at), finished_at=_iso(job.finished_at),
-        attempts=job.attempts, max_attempts=job.max_attempts,
-        queue_position=svc.store.queue_position(job.id) if job.state == "queued" else None,
-        progress=progress, metrics=metrics,
-        tokens_per_s=step.get("tokens_per_s"), eta_s=step.get("eta_s") if job.state == "running" else None,
-        summary=p.get("summary"), artifacts=artifacts, error=error, attempt_errors=job.attempt_errors,
-        warnings=list(p.get("warnings") or []), cancel_requested=job.cancel_requested, job_dir=str(job.job_dir),
-        log_tail=log_tail(job.job_dir / "log.txt", log_lines),
-    )
-
-
-def _workers(svc: Services) -> list[WorkerView]:
-    now = time.time()
-    views = []
-    for lease in svc.store.leases():
-        gpu = svc.devices[lease.slot] if lease.slot < len(svc.devices) else None
-        views.append(WorkerView(
-            slot=lease.slot, device=f"GPU {gpu}" if gpu is not None else "CPU", worker_pid=lease.pid, host=lease.host,
-            alive=lease.expires_at > now, job_id=lease.job_id,
-        ))
-    return [view for view in views if view.alive] or views
-
-
-def _hint(job: Job, workers: list[WorkerView]) -> str:
-    if job.state == "queued" and not any(w.alive for w in workers):
-        return "No worker is alive: the job waits until a server with TINYLLAMA_MCP_WORKER=1 or `tinyllama-mcp worker` runs."
-    if job.state == "queued" and job.parents:
-        return "The job starts once its parent jobs have succeeded."
-    if job.state == "running":
-        return "Training is under way; poll again in 10-30 s."
-    if job.state == "succeeded" and job.stage == "sft":
-        return f"Next: start_dpo(sft_job_id='{job.id}', dataset=...) or merge(sft_job_id='{job.id}')."
-    if job.state == "succeeded" and job.stage == "dpo":
-        return f"Next: merge(dpo_job_id='{job.id}')."
-    if job.state == "succeeded" and job.stage == "merge":
-        return f"Next: generate(model='{job.name or job.id}', prompt=...)."
-    if job.state == "failed":
-        return "Read error and log_tail; fix the cause and start the stage again."
-    return ""
-
-
-def job_json(svc: Services, job_id: str) -> str:
-    """The jobs://{job_id} resource: the job's status as JSON."""
-    if not _JOB_ID.match(job_id):
-        raise UserError(f"{job_id!r} is not a job id (like 'sft-3f9a0c12ab4e')")
-    job = svc.store.get(job_id)
-    if job is None:
-        raise UserError(f"no job {job_id!r}")
-    return json.dumps(job_view(svc, job, 20).model_dump(mode="json"), indent=2)

@@ -14,7 +14,7 @@ def not_plain_llama(config) -> Optional[str]:
     """None when `config` describes a plain Llama decoder, else why not (one phrase)."""
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
-        return f"model type {model_type!r} is not Llama"
+        return f"model_type {model_type!r} is not Llama"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} is not SiLU"
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
