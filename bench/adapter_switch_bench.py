@@ -1,4 +1,4 @@
-"""The adapter switch of DPO's reference pass: peft's `disable_adapter()` against fast.quick_adapter_switch.
+"""The adapter switch of DPO's reference pass: peft's `disable_adapter()` against speed.adapter_switch.quick_adapter_switch.
 
     python -m bench.adapter_switch_bench [--switches 20]
 
