@@ -122,7 +122,8 @@ def load_base(path: str, quant: QuantSpec, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(f"could not load model '{path}': {exc}") from None
-    nf4.keep_plain_layout(model)  # the same weights in every pass, on every CPU
+    if quant.quantization == "nf4":
+        nf4.keep_plain_layout(model)  # the same weights in every pass, on every CPU
     model.config.use_cache = False  # training: no KV cache
     return model
 

@@ -42,9 +42,7 @@ class GeneratorCache:
             from tinyllama_mcp.pipeline.generate import load_generator
 
             try:
-                entry = load_generator(model_ref)
-            except UserError:
-                raise
+                entry = load_generator(model_ref)  # a UserError passes as it is
             except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
                 # A folder or hub id that is not a loadable model (no weights, an unknown architecture,
                 # a model that asks for remote code, which is never run): the caller's to fix, so a

@@ -12,8 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from tinyllama_mcp.pipeline.nn.llama import not_plain_llama
-from tinyllama_mcp.pipeline.speed import estimates
+from tinyllama_mcp.pipeline.speed import compiled_layers, estimates
 from tinyllama_mcp.pipeline.speed.machine import Machine
 from tinyllama_mcp.pipeline.specs import SpeedSpec, TrainingSpec
 
@@ -308,12 +307,8 @@ def _compile_skipped(s: SpeedSpec, lv: dict, machine: Machine, model_config, pla
     """Why the compiled decoder layers do not run (None: they do); after varlen_attention and checkpointing."""
     if not lv["varlen_attention"]:
         return "it runs on packed batches (padding_free with varlen_attention)"
-    why_not = not_plain_llama(model_config)
-    if why_not is not None:
-        why_not = f"{why_not} (the compiled layer is a plain Llama layer)"
-    elif getattr(model_config, "attention_dropout", 0.0):
-        why_not = "attention dropout (the varlen kernel has none)"
-    elif machine.cuda:
+    why_not = compiled_layers.unsupported(model_config)
+    if why_not is None and machine.cuda:
         why_not = machine.triton_missing
     if why_not is not None or s.torch_compile is True:
         return why_not
