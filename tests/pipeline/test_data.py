@@ -326,3 +326,93 @@ def test_preflight_without_a_local_tokenizer_says_so(tmp_path):
     report = data.preflight(DatasetSpec(source=str(path)), "sft", max_length=64, base_model="someorg/not-cached-model")
     assert report.token_stats is None and report.rows == 1
     assert report.warnings == ["token lengths not checked: no local tokenizer for 'someorg/not-cached-model' yet"]
+
+
+# ---------------------------------------------------------------- function calling (OpenAI's fine-tuning format)
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL_TURN = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+RESULT_TURN = {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+TOOL_ROW = {"messages": [{"role": "user", "content": "Weather?"}, CALL_TURN, RESULT_TURN,
+                         {"role": "assistant", "content": "Sunny."}], "tools": [WEATHER_TOOL]}
+
+
+def test_tools_sample_loads_and_counts_tokens_as_the_template_renders(tokenizer):
+    from tinyllama_mcp.pipeline.samples import SFT_TOOLS_SAMPLE
+
+    spec = DatasetSpec(source=str(SFT_TOOLS_SAMPLE))
+    loaded = data.load(spec, "sft")
+    assert loaded.layout == "messages+tools" and all(isinstance(r["tools"], str) for r in loaded.rows)
+    expected = [len(tokenizer(tokenizer.apply_chat_template(json.loads(line)["messages"], tools=json.loads(line)["tools"],
+                                                            tokenize=False), add_special_tokens=False)["input_ids"])
+                for line in SFT_TOOLS_SAMPLE.read_text("utf-8").splitlines()]
+    report = data.preflight(spec, "sft", max_length=4096, base_model="tiny-demo")
+    assert (report.token_stats.min, report.token_stats.max) == (min(expected), max(expected))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_function_calling_rows_are_normalised(tmp_path, suffix):
+    as_string = {**TOOL_ROW, "tools": json.dumps([WEATHER_TOOL])}  # parquet-friendly: tools as a JSON string
+    path = write_rows(tmp_path / f"tools{suffix}", [TOOL_ROW if suffix != ".parquet" else as_string, SFT_ROW])
+    loaded = data.load(DatasetSpec(source=str(path)), "sft")
+    tools, plain = loaded.rows
+    assert plain == {"messages": SFT_ROW["messages"], "tools": None}  # one column set for every row
+    assert json.loads(tools["tools"]) == [WEATHER_TOOL]
+    call = tools["messages"][1]
+    assert call["content"] == ""
+    assert call["tool_calls"] == [{"id": "c1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert tools["messages"][2] == RESULT_TURN
+    assert data.row_texts(tools, "sft")[0].count("<tool_call>") == 2  # the how-to and the call
+
+
+def test_rows_without_tools_normalise_as_before(tmp_path):
+    loaded = data.load(DatasetSpec(source=str(write_rows(tmp_path / "sft.jsonl", [SFT_ROW]))), "sft")
+    assert loaded.rows == [SFT_ROW] and loaded.layout == "messages"
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({**TOOL_ROW, "tools": "[{"}, "'tools' is a string but not JSON"),
+    ({**TOOL_ROW, "tools": [{"type": "function", "function": {"name": "get weather"}}]}, "1-64 letters"),
+    ({**TOOL_ROW, "tools": [{"type": "function", "function": {"name": "other"}}]},
+     "calls 'get_weather', which is not in the row's tools ['other']"),
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+     "arguments are not valid JSON"),
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]},
+     "arguments must be a JSON object"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": []}]},
+     "content must be a string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": "f"}]},
+     "tool_calls must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "a"}, RESULT_TURN, {"role": "assistant", "content": "b"}]},
+     "roles out of order (turn 2 is 'tool', expected 'assistant')"),
+    ({"messages": [{"role": "user", "content": "a"}, CALL_TURN, {"role": "assistant", "content": "b"}]},
+     "roles out of order (turn 3 is 'assistant', expected 'tool')"),
+    ({"messages": [{"role": "user", "content": "a"}, CALL_TURN, RESULT_TURN, RESULT_TURN,
+                   {"role": "assistant", "content": "b"}]}, "answers no tool call"),
+    ({"messages": [{"role": "user", "content": "a"}, CALL_TURN, {**RESULT_TURN, "tool_call_id": "zz"},
+                   {"role": "assistant", "content": "b"}]}, "answers no tool call of the assistant turn before it"),
+    ({"messages": [{"role": "user", "content": "a"}, CALL_TURN, RESULT_TURN]}, "must end with an assistant turn"),
+])
+def test_bad_function_calling_rows(tmp_path, row, expected):
+    message = load_error(write_rows(tmp_path / "sft.jsonl", [row]), "sft")
+    assert "row 1" in message and expected in message
+
+
+def test_generation_requests_take_tool_turns_and_openai_shapes():
+    """generate.render_input checks requests with check_messages: OpenAI clients' shapes are accepted."""
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "now?"}]},
+                CALL_TURN, RESULT_TURN]
+    clean = data.check_messages(messages, "messages", need_final_assistant=False)
+    assert clean[0] == {"role": "system", "content": "Be brief."}
+    assert clean[1] == {"role": "user", "content": "Weather now?"}
+    assert clean[3] == RESULT_TURN
+    ends_with_a_call = data.check_messages(messages[:3], "messages", need_final_assistant=True)
+    assert ends_with_a_call[-1]["tool_calls"][0]["function"]["name"] == "get_weather"  # SFT may teach a call
+    with pytest.raises(ValueError, match="content must be a string"):
+        data.check_messages([{"role": "user", "content": [{"type": "image_url"}]}], "messages", False)

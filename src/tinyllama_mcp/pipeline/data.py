@@ -17,11 +17,11 @@ from pydantic import BaseModel, Field
 
 from tinyllama_mcp.errors import UserError
 from tinyllama_mcp.pipeline.chat import render
+from tinyllama_mcp.pipeline.messages import ROLES, check_messages, check_row_tools  # noqa: F401 (re-exported)
 from tinyllama_mcp.pipeline.specs import DatasetSpec
 from tinyllama_mcp.sources import hub_reachable, looks_local
 
 Kind = Literal["sft", "dpo"]
-ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 3
 
 
@@ -150,32 +150,6 @@ def read_rows(spec: DatasetSpec) -> tuple[list[Any], Optional[Path]]:
 # ---------------------------------------------------------------- checking
 
 
-def check_messages(messages: Any, where: str, need_final_assistant: bool) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"{where}: message {i} has role {m['role']!r}; use one of {list(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{where}: message {i} content must be a string")
-        clean.append({"role": m["role"], "content": m["content"]})
-    # Order: an optional leading system turn, then user/assistant alternating, starting with user.
-    turns = clean[1:] if clean[0]["role"] == "system" else clean
-    for i, m in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise ValueError(
-                f"{where}: roles out of order (turn {i + 1} is {m['role']!r}, expected {expected!r}); "
-                "use an optional system turn, then user and assistant alternating"
-            )
-    if need_final_assistant and (not turns or turns[-1]["role"] != "assistant"):
-        raise ValueError(f"{where}: the conversation must end with an assistant turn to train on")
-    return clean
-
-
 def _completion_text(value: Any, where: str, column: str) -> str:
     if isinstance(value, str):
         return value
@@ -185,9 +159,12 @@ def _completion_text(value: Any, where: str, column: str) -> str:
 
 
 def _normalise_sft(row: Any, where: str) -> dict:
+    """{'messages'} plus, for function-calling rows (OpenAI's fine-tuning format), 'tools' as a JSON string."""
     if not isinstance(row, dict) or "messages" not in row:
         raise ValueError(f"{where}: missing column 'messages' (SFT rows need a chat 'messages' list)")
-    return {"messages": check_messages(row["messages"], where, need_final_assistant=True)}
+    messages = check_messages(row["messages"], where, need_final_assistant=True)
+    tools = check_row_tools(row, messages, where)
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
 def _normalise_dpo(row: Any, where: str) -> dict:
@@ -231,6 +208,8 @@ def normalise(rows: list[Any], kind: Kind, source: str) -> list[dict]:
             out.append(fix(row, f"row {number}"))
         except ValueError as exc:
             errors.append(str(exc))
+    if kind == "sft" and any("tools" in r for r in out):
+        out = [{"messages": r["messages"], "tools": r.get("tools")} for r in out]  # one column set for datasets
     if errors:
         more = f" (and {len(errors) - MAX_ERRORS_SHOWN} more bad rows)" if len(errors) > MAX_ERRORS_SHOWN else ""
         raise UserError(f"dataset '{source}': " + "; ".join(errors[:MAX_ERRORS_SHOWN]) + more)
@@ -247,7 +226,7 @@ def load(spec: DatasetSpec, kind: Kind) -> LoadedData:
             "restore the file or start a new job"
         )
     rows = normalise(raw, kind, spec.source)
-    layout = "messages" if kind == "sft" else ("orca" if raw and isinstance(raw[0], dict) and "input" in raw[0] else "prompt")
+    layout = ("messages+tools" if any(r.get("tools") for r in rows) else "messages") if kind == "sft" else ("orca" if raw and isinstance(raw[0], dict) and "input" in raw[0] else "prompt")
     return LoadedData(rows=rows, source=spec.source, path=str(path) if path else None, sha256=digest, layout=layout)
 
 
@@ -257,7 +236,8 @@ def load(spec: DatasetSpec, kind: Kind) -> LoadedData:
 def row_texts(row: dict, kind: Kind) -> list[str]:
     """The rendered text(s) whose token count must fit max_length."""
     if kind == "sft":
-        return [render(row["messages"], add_generation_prompt=False)]
+        tools = json.loads(row["tools"]) if row.get("tools") else None
+        return [render(row["messages"], add_generation_prompt=False, tools=tools)]
     prompt = render(row["prompt_messages"], add_generation_prompt=True)
     return [prompt + row["chosen"] + "</s>", prompt + row["rejected"] + "</s>"]
 

@@ -203,22 +203,6 @@ def stack_base(stack: dict, dtype: torch.dtype):
     return model
 
 
-def build_stack(adapter_dir: str, dtype: torch.dtype, keep_last_unmerged: bool):
-    """Base (dequantized as in training) + every adapter of the stack.
-
-    With keep_last_unmerged the final adapter stays a live PEFT layer (served without merging);
-    otherwise everything is merged into plain weights.
-    """
-    stack = read_stack(adapter_dir)
-    model = stack_base(stack, dtype)
-    last = stack["adapters"][-1]
-    if keep_last_unmerged:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, last), stack
-    return merge_adapters(model, [last]), stack
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     return Path(path, "adapter_config.json").is_file()
 

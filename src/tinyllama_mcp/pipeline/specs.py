@@ -252,12 +252,22 @@ class MergeSpec(_StageSpec):
 class GenerationSpec(_Spec):
     """Generation settings in the HF_GENERATE_KWARGS style (names follow transformers' generate)."""
 
-    max_new_tokens: int = Field(512, ge=1, le=32_768)
+    max_new_tokens: int = Field(512, ge=0, le=32_768, description="0: score the prompt only (prompt_logprobs).")
     temperature: float = Field(0.2, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     do_sample: Optional[bool] = Field(None, description="None: sample when temperature > 0.")
     seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (EOS always stops).")
+    logprobs: Optional[int] = Field(
+        None, ge=0, le=20, description="Return each generated token's log-probability and this many alternatives.",
+    )
+    prompt_logprobs: Optional[int] = Field(
+        None, ge=0, le=20, description="Return each prompt token's log-probability given the tokens before it.",
+    )
+    grammar: Optional[str] = Field(
+        None, max_length=1_000_000,
+        description="A llguidance grammar (pipeline.grammars) the output must match: constrained decoding.",
+    )
 
     @property
     def sampling(self) -> bool:

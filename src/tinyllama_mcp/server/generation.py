@@ -2,7 +2,8 @@
 
 `pipeline.generate` imports torch, so it is imported on first use, inside the thread. A model is
 loaded once (a few seconds) and reused; at most `max_loaded` stay in memory, least recently used
-first out. Concurrent calls to one model go to its engine together, which batches them (requests
+first out. Adapters trained on one model are served by that model's one Generator, so their requests batch
+together. Concurrent calls to one model go to its engine together, which batches them (requests
 join and leave the running batch between decode steps), while the event loop keeps answering other
 requests such as `status`. Partial text is streamed back to the loop as progress reports.
 """
@@ -14,8 +15,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from functools import partial
 from typing import Any, Awaitable, Callable, Optional
 
+import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
@@ -28,21 +31,34 @@ log = logging.getLogger("tinyllama_mcp")
 
 
 class GeneratorCache:
-    def __init__(self, max_loaded: int = 2) -> None:
+    def __init__(self, max_loaded: int = 2, max_queue: int = 256) -> None:
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self.max_queue = max_queue  # requests per model waiting for a batch row; more raise EngineFull
+        self._limiter: Optional[anyio.CapacityLimiter] = None
+        self._loaded: OrderedDict[str, Any] = OrderedDict()  # serving key -> Generator (adapters inside)
+        self._keys: dict[str, tuple[str, Optional[str]]] = {}  # model_ref -> (serving key, adapter folder)
         self._load_lock = threading.Lock()
 
-    def _get(self, model_ref: str):
+    def _get(self, model_ref: str) -> tuple[Any, Optional[str]]:
+        """(the Generator serving model_ref, the adapter name to ask it for, or None)."""
         with self._load_lock:
-            entry = self._loaded.get(model_ref)
-            if entry is not None:
-                self._loaded.move_to_end(model_ref)
-                return entry
-            from tinyllama_mcp.pipeline.generate import load_generator
+            from tinyllama_mcp.pipeline.generate import load_base, serving_key
 
-            try:
-                entry = load_generator(model_ref)  # a UserError passes as it is
+            try:  # a UserError passes as it is
+                if model_ref not in self._keys:
+                    self._keys[model_ref] = serving_key(model_ref)
+                key, adapter_dir = self._keys[model_ref]
+                entry = self._loaded.get(key)
+                if entry is None:
+                    from tinyllama_mcp.pipeline.engine import EngineConfig
+
+                    entry = load_base(model_ref, adapter_dir, engine_config=EngineConfig(max_queue=self.max_queue))
+                    self._loaded[key] = entry
+                    while len(self._loaded) > self.max_loaded:
+                        # Dropped, not closed: a call may still be running on it; its idle engine thread exits alone.
+                        self._loaded.popitem(last=False)
+                self._loaded.move_to_end(key)
+                return entry, entry.add_adapter(adapter_dir) if adapter_dir is not None else None
             except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
                 # A folder or hub id that is not a loadable model (no weights, an unknown architecture,
                 # a model that asks for remote code, which is never run): the caller's to fix, so a
@@ -53,25 +69,32 @@ class GeneratorCache:
                     f"could not load model {model_ref!r} ({type(exc).__name__}: {first}); "
                     "pass a Hugging Face checkpoint folder, a finished job, a hub id or 'tiny-demo'"
                 ) from None
-            self._loaded[model_ref] = entry
-            while len(self._loaded) > self.max_loaded:
-                # Dropped, not closed: a call may still be running on it; its idle engine thread exits alone.
-                self._loaded.popitem(last=False)
-            return entry
+
+    def tokenizer(self, model_ref: str):
+        """The tokenizer of a model (loading the model on first use, as generate does)."""
+        return self._get(model_ref)[0].tokenizer
+
+    def max_model_len(self, model_ref: str) -> int:
+        """Prompt plus new tokens one request to this model may hold."""
+        return self._get(model_ref)[0].max_model_len
 
     def generate_sync(
         self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
-        on_text: Optional[Callable[[str, int], None]] = None,
+        on_text: Optional[Callable[[str, int], None]] = None, *,
+        tools: Optional[list[dict]] = None, prompt_ids: Optional[list[int]] = None,
+        cancelled: Optional[threading.Event] = None,
     ) -> GenerationResult:
         """The generator's result, its latency counted from here: a model's first load included."""
         started = time.perf_counter()
-        generator = self._get(model_ref)
-        result = generator.generate(messages=messages, prompt=prompt, spec=spec, on_text=on_text)
+        generator, adapter = self._get(model_ref)
+        result = generator.generate(messages=messages, prompt=prompt, spec=spec, on_text=on_text, tools=tools,
+                                    prompt_ids=prompt_ids, adapter=adapter, cancelled=cancelled)
         return replace(result, latency_ms=round((time.perf_counter() - started) * 1000, 1))
 
     async def generate(
         self, model_ref: str, messages: Optional[list[dict]], prompt: Optional[str], spec: GenerationSpec,
-        report_progress: Optional[Callable[[float, Optional[float], Optional[str]], Awaitable[None]]] = None,
+        report_progress: Optional[Callable[[float, Optional[float], Optional[str]], Awaitable[None]]] = None, *,
+        tools: Optional[list[dict]] = None, prompt_ids: Optional[list[int]] = None,
     ) -> GenerationResult:
         """`report_progress(completion_tokens, max_new_tokens, partial_text)` is awaited on this loop as text grows."""
         on_text = None
@@ -85,11 +108,19 @@ class GeneratorCache:
                         reports.start_soon, report_progress, completion_tokens, spec.max_new_tokens, text, token=token
                     )
 
-            # abandon_on_cancel: a client that gives up gets its answer back at once; the thread finishes alone.
+            # abandon_on_cancel: a client that gives up gets its answer back at once; `cancelled` then tells the
+            # engine to stop the request. Its own limiter: anyio's default 40 threads would cap the batch.
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(self.max_queue + 64)
+            cancelled = threading.Event()
             try:
+                call = partial(self.generate_sync, tools=tools, prompt_ids=prompt_ids, cancelled=cancelled)
                 return await anyio.to_thread.run_sync(
-                    self.generate_sync, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True
+                    call, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True, limiter=self._limiter
                 )
+            except anyio.get_cancelled_exc_class():
+                cancelled.set()
+                raise
             except UserError as exc:
                 # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which the
                 # tool layer cannot recognise as the caller's mistake: the caller would see a bare crash.

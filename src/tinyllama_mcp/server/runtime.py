@@ -38,8 +38,8 @@ class Runtime:
         self.pool = WorkerPool(settings) if self.run_worker else None
         devices = self.pool.devices if self.pool is not None else slot_devices(settings)
         self.services = Services(
-            settings=settings, store=self.store, generators=GeneratorCache(), devices=devices,
-            worker_enabled=self.run_worker,
+            settings=settings, store=self.store, generators=GeneratorCache(max_queue=settings.generation_queue),
+            devices=devices, worker_enabled=self.run_worker,
         )
         self.bus = InMemorySubscriptionBus()
         # Sessions that subscribed with resources/subscribe (protocol <= 2025-11-25): URI -> connection -> session.

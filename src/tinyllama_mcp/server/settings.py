@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         description="Upper bound on a generate prompt, in characters.",
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body accepted.")
+    generation_queue: int = Field(
+        256, ge=1, le=100_000,
+        description="Generation requests per loaded model that may wait for a batch row; more are refused at once "
+        "(/v1: 429, MCP generate: an error saying to retry).",
+    )
 
     # --- worker --------------------------------------------------------------------------------
     worker: bool = Field(

@@ -39,7 +39,9 @@ CACHE_NAME = "handshake.json"
 # What the two answers are built from: the SDK and pydantic (schemas), and this package's code.
 FINGERPRINT_DISTRIBUTIONS = ("mcp", "mcp-types", "pydantic", "pydantic-core")
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-FINGERPRINT_SOURCES = ("server/*.py", "pipeline/specs.py", "pipeline/data.py", "pipeline/chat.py", "*.py")
+FINGERPRINT_SOURCES = (
+    "server/*.py", "pipeline/specs.py", "pipeline/data.py", "pipeline/messages.py", "pipeline/chat.py", "*.py",
+)
 
 
 def fingerprint() -> str:

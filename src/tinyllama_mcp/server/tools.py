@@ -216,26 +216,36 @@ def cancel(svc: Services, args: CancelInput) -> CancelOutput:
                         cancel_requested=job.cancel_requested, message=message)
 
 
-def prepare_generation(svc: Services, args: GenerateInput) -> tuple[str, str, GenerationSpec]:
-    """The checks generate makes before any model loads: limits, settings, and which model."""
-    limits = svc.settings
-    size = len(args.prompt) if args.prompt is not None else sum(len(m.content) for m in args.messages or [])
-    if size > limits.max_prompt_chars:
+def check_prompt_size(settings, size: int) -> None:
+    """The prompt size limit (TINYLLAMA_MCP_MAX_PROMPT_CHARS), shared by MCP generate and /v1."""
+    if size > settings.max_prompt_chars:
         raise UserError(
-            f"the prompt is {size} characters, over this server's limit of {limits.max_prompt_chars} "
+            f"the prompt is {size} characters, over this server's limit of {settings.max_prompt_chars} "
             "(TINYLLAMA_MCP_MAX_PROMPT_CHARS); shorten it"
         )
-    explicit = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "do_sample", "seed", "stop")
-                if getattr(args, name) is not None}
+
+
+def generation_spec(settings, explicit: dict[str, Any]) -> GenerationSpec:
+    """HF_GENERATE_KWARGS overridden by a call's explicit settings, within the server's limits (MCP generate and /v1)."""
     try:
-        spec = GenerationSpec(**{**limits.hf_generate_kwargs, **explicit})
+        spec = GenerationSpec(**{**settings.hf_generate_kwargs, **explicit})
     except ValidationError as exc:
         raise UserError(f"invalid generation settings: {describe_validation_error(exc)}") from None
-    if spec.max_new_tokens > limits.max_new_tokens:
+    if spec.max_new_tokens > settings.max_new_tokens:
         raise UserError(
-            f"max_new_tokens {spec.max_new_tokens} is over this server's limit of {limits.max_new_tokens} "
+            f"max_new_tokens {spec.max_new_tokens} is over this server's limit of {settings.max_new_tokens} "
             "(TINYLLAMA_MCP_MAX_NEW_TOKENS); ask for fewer"
         )
+    return spec
+
+
+def prepare_generation(svc: Services, args: GenerateInput) -> tuple[str, str, GenerationSpec]:
+    """The checks generate makes before any model loads: limits, settings, and which model."""
+    size = len(args.prompt) if args.prompt is not None else sum(len(m.content) for m in args.messages or [])
+    check_prompt_size(svc.settings, size)
+    explicit = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "do_sample", "seed", "stop")
+                if getattr(args, name) is not None}
+    spec = generation_spec(svc.settings, explicit)
     model_ref, label = resolve_generate_model(svc, args.model)
     return model_ref, label, spec
 

@@ -6,7 +6,8 @@ HTTP and SSE bind 127.0.0.1 by default. Every HTTP request passes `HttpGuard` fi
   rebinding;
 - when a bearer token is configured (TINYLLAMA_MCP_TOKEN), requests without it get 401.
 Serving on a non-loopback address without a token is refused at start. The SDK's own Host/Origin
-check and request body limit stay on behind the guard.
+check and request body limit stay on behind the guard. The OpenAI-compatible /v1 routes (server.openai_api)
+are mounted beside /mcp (or /sse) behind the same guard, whose refusals there are OpenAI-shaped JSON.
 """
 
 from __future__ import annotations
@@ -77,37 +78,52 @@ class HttpGuard:
             await self.app(scope, receive, send)
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        openai = _is_v1(scope.get("path", ""))
         if _hostname(headers.get("host", "")) not in self.hostnames:
-            await _reply(send, 403, "Host not allowed: connect through an allowed name (TINYLLAMA_MCP_ALLOWED_HOSTS)")
+            await _reply(send, 403, "Host not allowed: connect through an allowed name (TINYLLAMA_MCP_ALLOWED_HOSTS)",
+                         openai=openai)
             return
         origin = headers.get("origin")
         if origin is not None:
             parts = urlsplit(origin) if origin != "null" else None
             if parts is None or parts.scheme not in ("http", "https") or parts.hostname not in self.hostnames:
-                await _reply(send, 403, "Origin not allowed")
+                await _reply(send, 403, "Origin not allowed", openai=openai)
                 return
         if self.token is not None:
             scheme, _, credential = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), self.token):
                 await _reply(send, 401, "Missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                             [(b"www-authenticate", b'Bearer realm="tinyllama-mcp"')])
+                             [(b"www-authenticate", b'Bearer realm="tinyllama-mcp"')], openai=openai)
                 return
         await self.app(scope, receive, send)
 
 
-async def _reply(send, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = message.encode()
+def _is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def _reply(send, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] = (), *,
+                 openai: bool = False) -> None:
+    """A refusal: plain text, or OpenAI's error JSON on /v1 paths (clients there parse it)."""
+    if openai:
+        from tinyllama_mcp.server.openai_api.errors import error_bytes
+
+        body, kind = error_bytes(status, message), b"application/json"
+    else:
+        body, kind = message.encode(), b"text/plain; charset=utf-8"
     await send({
         "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                    *extra_headers],
+        "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *extra_headers],
     })
     await send({"type": "http.response.body", "body": body})
 
 
 def http_app(runtime: Runtime, transport: str, host: str):
-    """The Starlette app of the MCP server behind the guard."""
+    """The Starlette app of the MCP server, with the OpenAI-compatible /v1 routes beside it, behind the guard."""
     from mcp.server.transport_security import TransportSecuritySettings
+    from starlette.routing import Mount
+
+    from tinyllama_mcp.server.openai_api import build_v1_app
 
     settings = runtime.settings
     token = settings.token.get_secret_value() if settings.token else None
@@ -127,6 +143,8 @@ def http_app(runtime: Runtime, transport: str, host: str):
         )
     else:
         app = server.sse_app(transport_security=security, max_request_body_size=settings.max_request_bytes, host=host)
+    # A route of the SDK's own app, so its lifespan (the MCP session manager) runs as before.
+    app.router.routes.insert(0, Mount("/v1", app=build_v1_app(runtime.services)))
     return HttpGuard(app, hostnames=names, token=token)
 
 
@@ -181,5 +199,6 @@ async def serve_http(runtime: Runtime, transport: str, host: str, port: int) -> 
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     async with runtime.running():
         path = "/mcp" if transport == "http" else "/sse"
-        log.info("serving MCP over %s at http://%s:%s%s", transport, host, port, path)
+        log.info("serving MCP over %s at http://%s:%s%s and the OpenAI API at http://%s:%s/v1", transport, host, port,
+                 path, host, port)
         await server.serve()

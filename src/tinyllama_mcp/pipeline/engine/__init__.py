@@ -12,6 +12,8 @@ and runs its own small Llama forward. One background thread owns the GPU work.
     kernels.py    which layer/head functions run: the compile fallback chain
     graphs.py     CUDA graph capture and replay
     runner.py     the KV cache and the prefill and decode steps over it
+    requests.py   a request's state, its handle, the queue-full and closed refusals
+    exact_steps.py  step-by-step decoding with the host in the loop: grammar masks, logprobs, prompt scoring
     scheduler.py  Engine: requests, queue, slots, continuous batching, streaming, cancel
 """
 

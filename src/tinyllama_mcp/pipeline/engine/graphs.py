@@ -86,17 +86,31 @@ class CudaGraphs:
 
     # ------------------------------------------------------------ decode
 
-    def _capture_decode(self, b: int, lb: int, sampling: bool):
+    def _capture_decode(self, b: int, lb: int, sampling: bool, lora: bool = False):
         r = self.runner
         # the warm-up steps are idempotent: they rewrite the same K/V at the same positions
-        return self._capture(lambda: r.step_core(b, lb, sampling), lambda: r.step(b, lb, sampling))[0]
+        return self._capture(lambda: r.step_core(b, lb, sampling, lora), lambda: r.step(b, lb, sampling, lora))[0]
 
-    def decode_graph(self, b: int, lb: int, sampling: bool) -> Optional[torch.cuda.CUDAGraph]:
-        """The graph of this decode step, captured if new; None where graphs are off (decode eagerly)."""
-        key = (b, lb, sampling)
+    def decode_graph(self, b: int, lb: int, sampling: bool, lora: bool = False) -> Optional[torch.cuda.CUDAGraph]:
+        """The graph of this decode step, captured if new; None where graphs are off (decode eagerly).
+        lora: rows add their adapters' deltas; keyed by the adapter table's version (its tensors)."""
+        key = (b, lb, sampling, self.runner.lora.version if lora else 0)
         g = self.decode.get(key)
         if g is not None or not self.enabled:
             return g
+        if lora:  # graphs over an older adapter table read tensors that are gone
+            for stale in [k for k in self.decode if k[3] not in (0, key[3])]:
+                del self.decode[stale]
+            try:
+                g = self.decode[key] = self._capture_decode(b, lb, sampling, lora=True)
+                return g
+            except Exception as exc:
+                log.warning("engine: CUDA graph capture of an adapter batch failed, decoding eagerly: %r", exc)
+                self.info.fell_back(CUDA_GRAPHS, "eager decode", repr(exc)[:500])
+                self.info.cuda_graphs = False
+                self.decode.clear()
+                torch.cuda.synchronize(self.runner.device)
+                return None
         k = self.kernels
         try:
             if b == 1 and k.b1_gemv is not None and k.b1_choice is None:

@@ -72,6 +72,7 @@ class DecodeKernels:
         """Uncompiled layers and head (calling the compiled helpers where those compiled)."""
         attn = self.attention or "sdpa"
         self.layer = make_decode_layer(*self._dims(), attn, self.rms, self.rope, self.swiglu)
+        self.lora_layer = self.layer  # rows with adapters run this eager layer (their deltas differ per row)
         self.head = make_head(self.w.eps, self.rms)
         self.info.attention = attn
 

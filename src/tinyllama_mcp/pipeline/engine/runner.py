@@ -14,7 +14,7 @@ On CPU the same code runs eagerly, without graphs. Only the engine thread calls 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from tinyllama_mcp.pipeline.engine.config import EngineConfig
 from tinyllama_mcp.pipeline.engine.graphs import CudaGraphs
 from tinyllama_mcp.pipeline.engine.info import EngineInfo
 from tinyllama_mcp.pipeline.engine.kernels import DecodeKernels, mark_bucket_dynamic
+from tinyllama_mcp.pipeline.engine.lora import LoraTable, lora_delta
 from tinyllama_mcp.pipeline.engine.sampling import pick_tokens
 from tinyllama_mcp.pipeline.engine.weights import LlamaWeights
 
@@ -54,6 +55,8 @@ class ModelRunner:
         self.temp_buf = torch.zeros(S, dtype=torch.float32, device=dev)
         self.top_p_buf = torch.ones(S, dtype=torch.float32, device=dev)
         self.seed_buf = torch.zeros(S, dtype=torch.long, device=dev)
+        self.slot_buf = torch.zeros(S, dtype=torch.long, device=dev)  # each row's adapter slot (0: none)
+        self.lora: Optional[LoraTable] = None  # the adapters served beside the base (add_adapter)
         # a chunk's tokens: row 0 its inputs, row j the output of step j; two pinned host copies, alternated
         self.hist = torch.zeros(self.chunk + 1, S, dtype=torch.long, device=dev)
         self.hist_host = [torch.zeros(self.chunk + 1, S, dtype=torch.long, pin_memory=on_cuda) for _ in range(2)]
@@ -83,50 +86,65 @@ class ModelRunner:
 
     # ------------------------------------------------------------ prefill
 
+    def _h2d(self, data, dtype):
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def prefill(self, prompts: Sequence[list[int]], rows: Sequence[int], temperatures: Sequence[float],
-                top_ps: Sequence[float], seeds: Sequence[int]) -> None:
-        """Write the prompts' K/V into their rows and put each one's first token and sampling state there."""
-        dev = self.device
-        T = max(len(p) for p in prompts)
-        pin = dev.type == "cuda"
-
-        def h2d(data, dtype):
-            t = torch.tensor(data, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
-
+                top_ps: Sequence[float], seeds: Sequence[int], slots: Optional[Sequence[int]] = None) -> None:
+        """Write the prompts' K/V into their rows and put each one's first token and sampling state there.
+        slots: each prompt's adapter slot in self.lora (None: the base for all)."""
+        h2d = self._h2d
         lengths = h2d([len(p) for p in prompts], torch.long)
         rows_t = h2d(list(rows), torch.long)
         temp = h2d([float(t) for t in temperatures], torch.float32)
         top_p = h2d([float(p) for p in top_ps], torch.float32)
         seed = h2d(list(seeds), torch.long)
+        slots_t = h2d(list(slots), torch.long) if slots is not None and any(slots) else None
         logits = None
-        if len(prompts) == 1 and self.graphs.enabled:
+        if len(prompts) == 1 and self.graphs.enabled and slots_t is None:
             logits = self.graphs.prefill_logits(prompts[0], rows[0], h2d)
         if logits is None:
-            ids = h2d([p + [0] * (T - len(p)) for p in prompts], torch.long)
-            logits = self.prefill_forward(ids, lengths, rows_t)
+            logits = self.prefill_forward(self.padded(prompts), lengths, rows_t, slots=slots_t)
         first = pick_tokens(logits, temp, top_p, seed, lengths, sampling=any(t > 0 for t in temperatures))
-        self.tok_buf[rows_t] = first
-        self.pos_buf[rows_t] = lengths
-        self.temp_buf[rows_t] = temp
-        self.top_p_buf[rows_t] = top_p
-        self.seed_buf[rows_t] = seed
+        self.set_state(rows_t, first, lengths, temp, top_p, seed, slots_t)
 
-    def _layer_mlp(self, x, w_post, w_gu, w_down):
-        h = self.kernels.rms(x, w_post, self.eps)
-        return torch.addmm(x, self.kernels.swiglu(F.linear(h, w_gu)), w_down.t())
+    def padded(self, prompts: Sequence[list[int]]) -> torch.Tensor:
+        """The prompts right-padded to the longest, on the device."""
+        T = max(len(p) for p in prompts)
+        return self._h2d([p + [0] * (T - len(p)) for p in prompts], torch.long)
+
+    def set_state(self, rows, first, lengths, temp, top_p, seed, slots=None) -> None:
+        """Put these rows' first decode input, its position and their sampling settings into the decode state."""
+        self.slot_buf[rows] = 0 if slots is None else slots
+        self.tok_buf[rows] = first
+        self.pos_buf[rows] = lengths
+        self.temp_buf[rows] = temp
+        self.top_p_buf[rows] = top_p
+        self.seed_buf[rows] = seed
 
     @torch.inference_mode()
-    def prefill_forward(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """ids [n, T] right-padded; writes K/V rows; returns fp32 logits of each last real token [n, V]."""
+    def prefill_forward(self, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, keep_hidden: bool = False,
+                        slots: Optional[torch.Tensor] = None):
+        """ids [n, T] right-padded; writes K/V rows; returns fp32 logits of each last real token [n, V].
+
+        keep_hidden: also the final-normed hidden state of every position [n, T, hidden] (prompt scoring).
+        slots: each prompt's adapter slot [n] in self.lora."""
         n, T = ids.shape
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
         rms, rope = self.kernels.rms, self.kernels.rope
         x = F.embedding(ids, self.w.embed).view(n * T, self.hidden)
         cos, sin = self.cos[:T].view(1, T, 1, D), self.sin[:T].view(1, T, 1, D)
+
+        def lin(h, w, li, group):
+            y = F.linear(h, w)
+            if slots is None:
+                return y
+            return y + lora_delta(h.view(n, T, -1), *self.lora.tensors[li][group], slots).view(n * T, -1)
+
         for li, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.w.layers):
             h = rms(x, w_in, self.eps)
-            qkv = F.linear(h, w_qkv).view(n, T, H + 2 * Hk, D)
+            qkv = lin(h, w_qkv, li, 0).view(n, T, H + 2 * Hk, D)
             qk = rope(qkv[:, :, : H + Hk], cos, sin)
             q = qk[:, :, :H].transpose(1, 2)
             k = qk[:, :, H:].transpose(1, 2)
@@ -136,48 +154,74 @@ class ModelRunner:
             g = H // Hk
             o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
                                                is_causal=True)
-            x = torch.addmm(x, o.transpose(1, 2).reshape(n * T, H * D), w_o.t())
-            x = self._layer_mlp(x, w_post, w_gu, w_down)
+            x = x + lin(o.transpose(1, 2).reshape(n * T, H * D), w_o, li, 1)
+            h = self.kernels.rms(x, w_post, self.eps)
+            x = x + lin(self.kernels.swiglu(lin(h, w_gu, li, 2)), w_down, li, 3)
         last = x.view(n, T, self.hidden)[torch.arange(n, device=ids.device), lengths - 1]
-        return F.linear(rms(last, self.w.norm, self.eps), self.w.lm_head).float()
+        logits = F.linear(rms(last, self.w.norm, self.eps), self.w.lm_head).float()
+        if keep_hidden:
+            return logits, rms(x, self.w.norm, self.eps).view(n, T, self.hidden)
+        return logits
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-normed hidden states (prefill_forward's keep_hidden output)."""
+        return F.linear(hidden, self.w.lm_head).float()
 
     # ------------------------------------------------------------ decode
 
-    def step_core(self, b: int, lb: int, sampling: bool) -> torch.Tensor:
-        """One decode step for rows [0, b) attending over cache positions [0, lb). Writes K/V at pos."""
+    def _layers(self, b: int, lb: int, lora: bool):
+        """Embed rows [0, b)'s inputs and run every decode layer over cache positions [0, lb) (K/V written at
+        pos); lora: each row adds its adapter's delta (the eager layer). Returns (x, d, pos)."""
         D = self.head_dim
         tok, pos = self.tok_buf[:b], self.pos_buf[:b]
-        x = F.embedding(tok, self.w.embed)
-        d = self._zeros[:b]
+        x, d = F.embedding(tok, self.w.embed), self._zeros[:b]
         cos, sin = self.cos[pos].view(b, 1, D), self.sin[pos].view(b, 1, D)
         mask = (self.arange_len[:lb].view(1, lb) <= pos.view(b, 1)).view(b, 1, 1, lb)
-        if self.kernels.layer_compiled:
+        if self.kernels.layer_compiled and not lora:
             mark_bucket_dynamic(mask)
         args = (cos, sin, mask, self.rows[:b], self.heads, pos)
-        layer, head = self.kernels.for_batch(b)
+        layer = self.kernels.lora_layer if lora else self.kernels.for_batch(b)[0]
         for li, ws in enumerate(self.w.layers):
-            x, d = layer(x, d, *args, self.k_cache[li], self.v_cache[li], *ws)
+            extra = (self.slot_buf[:b], self.lora.tensors[li]) if lora else ()
+            x, d = layer(x, d, *args, self.k_cache[li], self.v_cache[li], *ws, *extra)
+        return x, d, pos
+
+    def step_core(self, b: int, lb: int, sampling: bool, lora: bool = False) -> torch.Tensor:
+        """One decode step for rows [0, b) attending over cache positions [0, lb). Writes K/V at pos."""
+        x, d, pos = self._layers(b, lb, lora)
+        head = self.kernels.for_batch(b)[1]
         return head(x, d, self.w.norm, self.w.lm_head, self.temp_buf[:b], self.top_p_buf[:b],
                     self.seed_buf[:b], pos, sampling)
 
-    def step(self, b: int, lb: int, sampling: bool) -> None:
+    def step_logits(self, b: int, lb: int, lora: bool = False) -> torch.Tensor:
+        """One eager decode step for rows [0, b) that returns its fp32 logits [b, V] instead of choosing a token:
+        the host masks them (grammars), reads their log-probabilities, then calls advance()."""
+        x, d, _ = self._layers(b, lb, lora)
+        return F.linear(self.kernels.rms(x + d, self.w.norm, self.eps), self.w.lm_head).float()
+
+    def advance(self, b: int, tokens: torch.Tensor) -> None:
+        """After step_logits: the chosen tokens become rows [0, b)'s next inputs, one position on."""
+        self.tok_buf[:b].copy_(tokens)
+        self.pos_buf[:b].add_(1).clamp_(max=self.max_len - 1)
+
+    def step(self, b: int, lb: int, sampling: bool, lora: bool = False) -> None:
         """step_core, then the next input and position written back into the decode state."""
-        nxt = self.step_core(b, lb, sampling)
+        nxt = self.step_core(b, lb, sampling, lora)
         self.tok_buf[:b].copy_(nxt)
         self.pos_buf[:b].add_(1).clamp_(max=self.max_len - 1)
 
-    def decode(self, b: int, lb: int, sampling: bool):
+    def decode(self, b: int, lb: int, sampling: bool, lora: bool = False):
         """Launch `chunk` decode steps for rows [0, b) without waiting for them.
 
         Returns (host, event): the pinned [chunk + 1, max_batch] token history (row 0: the inputs), complete
         once `event` (None on CPU) has fired."""
         self.hist[0, :b].copy_(self.tok_buf[:b])
-        g = self.graphs.decode_graph(b, lb, sampling)
+        g = self.graphs.decode_graph(b, lb, sampling, lora)
         for j in range(1, self.chunk + 1):
             if g is not None:
                 g.replay()
             else:
-                self.step(b, lb, sampling)
+                self.step(b, lb, sampling, lora)
             self.hist[j, :b].copy_(self.tok_buf[:b])
         host = self.hist_host[self._host_i]
         self._host_i ^= 1
@@ -188,9 +232,19 @@ class ModelRunner:
             event.record()
         return host, event
 
+    def add_adapter(self, name: str, adapter) -> None:
+        """Put an adapter (lora.read_adapter's output) into the table, made on first use."""
+        if self.lora is None:
+            inter = self.w.layers[0][4].shape[0] // 2
+            H, Hk, D, hidden = self.n_heads, self.n_kv, self.head_dim, self.hidden
+            shapes = [[(hidden, (H + 2 * Hk) * D), (H * D, hidden), (hidden, 2 * inter), (inter, hidden)]
+                      for _ in self.w.layers]
+            self.lora = LoraTable(self.device, self.dtype, shapes)
+        self.lora.add(name, adapter)
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy a request's decode state and its first `length` cache positions from row src to row dst."""
-        for buf in (self.tok_buf, self.pos_buf, self.temp_buf, self.top_p_buf, self.seed_buf):
+        for buf in (self.tok_buf, self.pos_buf, self.temp_buf, self.top_p_buf, self.seed_buf, self.slot_buf):
             buf[dst] = buf[src]
         self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
         self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]

@@ -8,7 +8,7 @@ and CUDA graphs need no RNG handling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -23,6 +23,15 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # record each generated token's log-probability and its top `logprobs`
+    prompt_logprobs: Optional[int] = None  # score the prompt: each token's log-probability and its top k
+    constraint: Optional[Any] = None  # a pipeline.constraint.GrammarConstraint the output must follow
+    adapter: Optional[str] = None  # a LoRA adapter added to the engine (Engine.add_adapter); None: the base
+
+    @property
+    def exact(self) -> bool:
+        """Decoded one step at a time, the host in the loop: a grammar or log-probabilities need it."""
+        return self.logprobs is not None or self.constraint is not None
 
     @classmethod
     def from_spec(cls, spec) -> "SamplingParams":
@@ -33,6 +42,8 @@ class SamplingParams:
             top_p=spec.top_p if spec.sampling else 1.0,
             seed=spec.seed,
             stop=tuple(spec.stop),
+            logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
         )
 
 

@@ -8,19 +8,19 @@ most two more chunks (the chunk in flight and the next); their extra tokens are 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from tinyllama_mcp.errors import UserError
 from tinyllama_mcp.pipeline.engine.config import EngineConfig, resolve_config
+from tinyllama_mcp.pipeline.engine.exact_steps import ExactDecoding
 from tinyllama_mcp.pipeline.engine.info import EngineInfo
+from tinyllama_mcp.pipeline.engine.requests import EngineClosed, EngineFull, Request, RequestHandle, TextCallback
 from tinyllama_mcp.pipeline.engine.runner import ModelRunner
 from tinyllama_mcp.pipeline.engine.sampling import MASK32, SamplingParams
 from tinyllama_mcp.pipeline.engine.weights import model_eos_ids, read_weights
@@ -28,60 +28,8 @@ from tinyllama_mcp.pipeline.generation_result import GenerationResult
 
 log = logging.getLogger(__name__)
 
-TextCallback = Callable[[str, int], None]  # on_text(text_so_far, completion_tokens)
 
-
-class EngineFull(UserError):
-    """The engine's queue is full: the caller should retry later."""
-
-
-class EngineClosed(UserError):
-    """The engine was shut down, or failed: nothing more can be submitted to it."""
-
-
-_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    on_text: Optional[TextCallback]
-    future: Future
-    seed: int
-    submitted: float
-    id: int = field(default_factory=lambda: next(_ids))
-    tokens: list[int] = field(default_factory=list)
-    slot: int = -1
-    pos: int = 0  # host count of the position of the next decode input
-    done: bool = False
-    cancelled: bool = False
-    first_token_t: Optional[float] = None
-    emitted: str = ""
-    fresh: bool = False  # prefilled, first token not yet read back
-    planned: int = 0  # tokens that launched work will have produced (no chunk is launched past max_new_tokens)
-    last_emit: float = 0.0
-
-
-class RequestHandle:
-    """What `Engine.submit` returns: a future of a GenerationResult, and a way to cancel."""
-
-    def __init__(self, engine: "Engine", req: _Request):
-        self._engine, self._req = engine, req
-        self.future: Future = req.future
-
-    def result(self, timeout: Optional[float] = None) -> GenerationResult:
-        return self.future.result(timeout)
-
-    def cancel(self) -> None:
-        """Stop generating; the future resolves with finish_reason 'cancelled' and the tokens so far."""
-        self._engine._cancel(self._req)
-
-    def done(self) -> bool:
-        return self.future.done()
-
-
-class Engine:
+class Engine(ExactDecoding):
     """Continuous-batching generation over one Llama model.
 
     engine = Engine(model, tokenizer, EngineConfig(max_batch=32))
@@ -101,8 +49,9 @@ class Engine:
         self.eos = set(self.config.eos_token_ids)
 
         self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()
-        self._slots: list[Optional[_Request]] = [None] * self.config.max_batch
+        self._waiting: deque[Request] = deque()
+        self._slots: list[Optional[Request]] = [None] * self.config.max_batch
+        self._adapters_to_add: list[tuple[str, list, Future]] = []
         self._closing = False
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -123,6 +72,8 @@ class Engine:
         cfg = self.config
         if not prompt:
             raise UserError("the prompt is empty; pass at least one token")
+        if params.max_new_tokens < 0 or (params.max_new_tokens == 0 and params.prompt_logprobs is None):
+            raise UserError("max_new_tokens must be at least 1 (0 only to score the prompt, with prompt_logprobs)")
         if len(prompt) + params.max_new_tokens > cfg.max_len:
             raise UserError(
                 f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds this model's "
@@ -130,10 +81,16 @@ class Engine:
             )
         if max(prompt) >= self.runner.vocab or min(prompt) < 0:
             raise UserError(f"token ids must be in [0, {self.runner.vocab})")
+        adapter_slot = 0
+        if params.adapter is not None:
+            table = self.runner.lora
+            if table is None or params.adapter not in table.names:
+                raise UserError(f"adapter {params.adapter!r} is not loaded in this engine; add_adapter() it first")
+            adapter_slot = table.slot(params.adapter)
         if (on_text is not None or params.stop) and self.tokenizer is None:
             raise UserError("streaming text and stop strings need the engine to have a tokenizer")
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        req = _Request(prompt, params, on_text, Future(), seed & MASK32, time.perf_counter())
+        req = Request(prompt, params, on_text, Future(), seed & MASK32, time.perf_counter(), adapter_slot=adapter_slot)
         req.future.set_running_or_notify_cancel()
         with self._cv:
             if self._error is not None:
@@ -153,6 +110,32 @@ class Engine:
     def generate(self, input_ids: Sequence[int], params: Optional[SamplingParams] = None, *,
                  on_text: Optional[TextCallback] = None, timeout: Optional[float] = None) -> GenerationResult:
         return self.submit(input_ids, params, on_text=on_text).result(timeout)
+
+    def add_adapter(self, name: str, peft_model) -> None:
+        """Serve LoRA adapter `name` of `peft_model` (this engine's base with that adapter injected by PEFT) beside
+        the base: requests name it in SamplingParams.adapter and share batches with every other adapter's."""
+        from tinyllama_mcp.pipeline.engine.lora import read_adapter
+
+        done: Future = Future()
+        adapter = read_adapter(peft_model, name)
+        with self._cv:
+            if self._error is not None or self._closing:
+                raise EngineClosed("the generation engine is shut down")
+            self._adapters_to_add.append((name, adapter, done))
+            self._ensure_thread()
+            self._cv.notify_all()
+        done.result()
+
+    def _add_pending_adapters(self) -> None:
+        """On the engine thread, between steps: the table grows on the stream the steps run on."""
+        with self._cv:
+            todo, self._adapters_to_add = self._adapters_to_add, []
+        for name, adapter, done in todo:
+            try:
+                self.runner.add_adapter(name, adapter)
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
 
     def load(self) -> dict:
         """Running and queued request counts (for status displays)."""
@@ -199,7 +182,7 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
             self._thread.start()
 
-    def _cancel(self, req: _Request) -> None:
+    def _cancel(self, req: Request) -> None:
         with self._cv:
             req.cancelled = True
             if req in self._waiting:
@@ -226,7 +209,8 @@ class Engine:
         inflight = None
         while True:
             with self._cv:
-                while not self._closing and inflight is None and not self._waiting and not any(self._slots):
+                while (not self._closing and inflight is None and not self._waiting and not any(self._slots)
+                       and not self._adapters_to_add):
                     if not self._cv.wait(timeout=self.config.idle_exit_s):
                         self._thread = None  # idle: let the thread go (a new one starts on submit)
                         return
@@ -238,15 +222,24 @@ class Engine:
                     self._thread = None
                     return
                 admitted = self._admit()
+            if self._adapters_to_add:
+                self._add_pending_adapters()
             if admitted:
                 self._prefill(admitted)
+            if any(r is not None and r.params.exact for r in self._slots):
+                if inflight is not None:
+                    self._process(*inflight)
+                    inflight = None
+                self._exact_step()
+                self._compact()
+                continue
             launched = self._launch() if any(self._slots) else None
             if inflight is not None:
                 self._process(*inflight)
             inflight = launched
             self._compact()
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self) -> list[Request]:
         """Pop waiting requests into free slots (under the lock), within the prefill token budget."""
         out, longest = [], 0
         free = [i for i, r in enumerate(self._slots) if r is None]
@@ -264,14 +257,18 @@ class Engine:
             out.append(req)
         return out
 
-    def _prefill(self, reqs: list[_Request]) -> None:
-        self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs],
-                            [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
-                            [r.seed for r in reqs])
-        for r in reqs:
-            r.pos = len(r.prompt)
-            r.fresh = True
-            r.planned = 1
+    def _prefill(self, reqs: list[Request]) -> None:
+        plain = [r for r in reqs if not r.params.exact and r.params.prompt_logprobs is None]
+        if plain:
+            self.runner.prefill([r.prompt for r in plain], [r.slot for r in plain],
+                                [r.params.temperature for r in plain], [r.params.top_p for r in plain],
+                                [r.seed for r in plain], [r.adapter_slot for r in plain])
+            for r in plain:
+                r.pos = len(r.prompt)
+                r.fresh = True
+                r.planned = 1
+        if len(plain) < len(reqs):
+            self._prefill_exact([r for r in reqs if r not in plain])
         self.stats["prefills"] += 1
 
     def _launch(self):
@@ -289,7 +286,7 @@ class Engine:
             r.fresh = False
             r.pos += k
             r.planned += k
-        host, event = self.runner.decode(b, lb, sampling)
+        host, event = self.runner.decode(b, lb, sampling, lora=any(r.adapter_slot for _, r in busy))
         self.stats["steps"] += k
         self.stats["chunks"] += 1
         return busy, fresh, host, event
@@ -346,16 +343,16 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _stop_hit(self, req: _Request) -> bool:
+    def _stop_hit(self, req: Request) -> bool:
         text = self._decode(req.tokens)
         return any(s in text for s in req.params.stop)
 
-    def _text(self, req: _Request) -> str:
+    def _text(self, req: Request) -> str:
         text = self._decode(req.tokens)
         cuts = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
         return text[: min(cuts)] if cuts else text
 
-    def _emit(self, req: _Request) -> None:
+    def _emit(self, req: Request) -> None:
         """Stream the partial text, holding back what could be the start of a stop string."""
         text = self._text(req)
         if req.params.stop:
@@ -368,7 +365,7 @@ class Engine:
             except Exception:  # a broken callback must not stop the engine
                 log.exception("engine: on_text callback failed")
 
-    def _finish(self, req: _Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: str) -> None:
         """Under self._cv: release the slot, send the final text, resolve the future."""
         if req.done:
             return
@@ -388,4 +385,7 @@ class Engine:
             text=text, finish_reason=reason, prompt_tokens=len(req.prompt), completion_tokens=len(req.tokens),
             latency_ms=round((now - req.submitted) * 1000, 2), token_ids=list(req.tokens),
             ttft_ms=round(((req.first_token_t or now) - req.submitted) * 1000, 2),
+            prompt_token_ids=list(req.prompt),
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            prompt_logprobs=req.prompt_logprobs,
         ))

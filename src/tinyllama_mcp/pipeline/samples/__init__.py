@@ -10,6 +10,9 @@ _HERE = Path(__file__).resolve().parent
 SFT_SAMPLE = _HERE / "sft_sample.jsonl"  # chat `messages` rows (UltraChat layout)
 DPO_SAMPLE = _HERE / "dpo_sample.jsonl"  # system/input/chosen/rejected (distilabel Orca pairs layout)
 DPO_SAMPLE_PAIRS = _HERE / "dpo_sample_pairs.jsonl"  # prompt/chosen/rejected
+# OpenAI's fine-tuning format for function calling: `tools` plus assistant `tool_calls` and `tool` results.
+# Not part of tiny-demo's tokenizer corpus (that would change tiny-demo).
+SFT_TOOLS_SAMPLE = _HERE / "sft_tools_sample.jsonl"
 
 # Hyperparameters for the tiny random-init demo model, as start_sft/start_dpo arguments. The reference
 # recipe's learning rates are tuned for a pretrained 1.1B model; a 0.5M-parameter model from random
