@@ -9,37 +9,27 @@ microseconds; its tokenizer view (~1 s to build for a 32k vocabulary) is cached 
 from __future__ import annotations
 
 import threading
-import weakref
-from typing import Any
 
 import torch
 
 from tinyllama_mcp.errors import UserError
 
-_CACHE: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
-_ATTRIBUTE = "_tinyllama_llguidance_tokenizer"
+_ATTRIBUTE = "_tinyllama_llguidance_tokenizer"  # where a tokenizer keeps its llguidance view
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # byte value -> its 8 bits, LSB first
 
 
 def ll_tokenizer(tokenizer):
-    """llguidance's view of a Hugging Face fast tokenizer, built once per tokenizer object."""
+    """llguidance's view of a Hugging Face fast tokenizer, built once per tokenizer object (kept on it)."""
     with _LOCK:
-        try:
-            cached = _CACHE.get(tokenizer)
-        except TypeError:  # not weak-referenceable: keep it on the object itself
-            cached = getattr(tokenizer, _ATTRIBUTE, None)
-        if cached is not None:
-            return cached
-        import llguidance.hf
+        cached = getattr(tokenizer, _ATTRIBUTE, None)
+        if cached is None:
+            import llguidance.hf
 
-        try:
-            cached = llguidance.hf.from_tokenizer(tokenizer)
-        except ValueError as exc:
-            raise UserError(f"constrained decoding needs a fast (Rust) tokenizer: {exc}") from None
-        try:
-            _CACHE[tokenizer] = cached
-        except TypeError:
+            try:
+                cached = llguidance.hf.from_tokenizer(tokenizer)
+            except ValueError as exc:
+                raise UserError(f"constrained decoding needs a fast (Rust) tokenizer: {exc}") from None
             setattr(tokenizer, _ATTRIBUTE, cached)
         return cached
 
@@ -56,7 +46,6 @@ class GrammarConstraint:
         if self._matcher.is_error():
             raise UserError(f"the output grammar is invalid: {self._matcher.get_error().splitlines()[0]}")
         self.vocab_size = int(vocab_size)
-        self.eos_token_id = lltok.eos_token
         self._known = min(lltok.vocab_size, self.vocab_size)
 
     def allowed(self) -> torch.Tensor:

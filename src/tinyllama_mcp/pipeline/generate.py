@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -156,7 +157,9 @@ class Generator:
         engine = self.engine()
         if engine is not None:
             return int(engine.config.max_len)
-        return int(getattr(modeling_config(self.model), "max_position_embeddings", 0) or 0)
+        from tinyllama_mcp.pipeline.nn.llama import causal_lm_of
+
+        return int(getattr(causal_lm_of(self.model).config, "max_position_embeddings", 0) or 0)
 
     def _changes_output(self, name: str) -> bool:
         ids = torch.tensor([self.tokenizer(PROBE)["input_ids"]], device=next(self.model.parameters()).device)
@@ -209,11 +212,8 @@ class Generator:
         with self._lock:  # one call at a time: the active adapter is the model's state
             if adapter is not None:
                 self.model.set_adapter(adapter)
-                new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
-            elif self.adapters:
-                with self.model.disable_adapter():
-                    new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
-            else:
+            base_only = self.model.disable_adapter() if adapter is None and self.adapters else nullcontext()
+            with base_only:
                 new_ids = generate_ids(self.model, self.tokenizer, input_ids, spec)
         stopped = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
         text, cut = _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), spec.stop)
@@ -241,13 +241,6 @@ def serving_key(model_ref: str) -> tuple[str, Optional[str]]:
     below = {key: value for key, value in stack.items() if key != "adapters"}
     below["adapters_below"] = stack["adapters"][:-1]
     return "stack:" + json.dumps(below, sort_keys=True), path
-
-
-def modeling_config(model):
-    """The transformers config of a model, PEFT-wrapped or not."""
-    from tinyllama_mcp.pipeline.nn.llama import causal_lm_of
-
-    return causal_lm_of(model).config
 
 
 def load_base(model_ref: str, adapter_dir: Optional[str], dtype: str = "auto", engine_config=None) -> Generator:

@@ -74,12 +74,9 @@ class ExactDecoding:
         """Prefill with the host in the loop: the prompts scored where asked, the first tokens chosen under their
         grammars and read back at once, so the next step's masks follow them."""
         runner = self.runner
-        lengths = runner._h2d([len(r.prompt) for r in reqs], torch.long)
-        rows = runner._h2d([r.slot for r in reqs], torch.long)
-        temp = runner._h2d([r.params.temperature for r in reqs], torch.float32)
-        top_p = runner._h2d([r.params.top_p for r in reqs], torch.float32)
-        seed = runner._h2d([r.seed for r in reqs], torch.long)
-        slots = runner._h2d([r.adapter_slot for r in reqs], torch.long) if any(r.adapter_slot for r in reqs) else None
+        lengths, rows, temp, top_p, seed, slots = runner.prefill_inputs(
+            [r.prompt for r in reqs], [r.slot for r in reqs], [r.params.temperature for r in reqs],
+            [r.params.top_p for r in reqs], [r.seed for r in reqs], [r.adapter_slot for r in reqs])
         score = any(r.params.prompt_logprobs is not None for r in reqs)
         out = runner.prefill_forward(runner.padded([r.prompt for r in reqs]), lengths, rows, keep_hidden=score,
                                      slots=slots)

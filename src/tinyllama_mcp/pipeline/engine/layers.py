@@ -52,26 +52,27 @@ def make_decode_layer(H: int, Hk: int, D: int, eps: float, attn: str, rms=None, 
     `lora` (a LoraTable's layer: (A, B) per fused projection) each row adds its own adapter's delta.
     """
     rms, rope, swiglu = rms or llama_ops.rms_norm, rope or llama_ops.rope, swiglu or silu_mul
-    lin0 = gemv if use_gemv else F.linear
+    matmul = gemv if use_gemv else F.linear
     G = H // Hk
+
+    def project(h, w, group, slots, lora):
+        y = matmul(h, w)
+        return y if lora is None else y + lora_delta(h, *lora[group], slots)
 
     def layer(x, d, cos, sin, mask, rows, heads, pos, kc, vc, w_in, w_qkv, w_o, w_post, w_gu, w_down,
               slots=None, lora=None):
-        def lin(h, w, group):
-            y = lin0(h, w)
-            return y if lora is None else y + lora_delta(h, *lora[group], slots)
-
         b, lb = x.shape[0], mask.shape[-1]
         x = x + d
-        qkv = lin(rms(x, w_in, eps), w_qkv, 0).view(b, H + 2 * Hk, D)
+        qkv = project(rms(x, w_in, eps), w_qkv, 0, slots, lora).view(b, H + 2 * Hk, D)
         qk = rope(qkv[:, : H + Hk], cos, sin)
         idx = (rows.view(b, 1), heads.view(1, Hk), pos.view(b, 1))
         kc.index_put_(idx, qk[:, H:])
         vc.index_put_(idx, qkv[:, H + Hk:])
         q = qk[:, :H].reshape(b, Hk, G, D)
         o = attend(q, kc[:b, :, :lb], vc[:b, :, :lb], mask, attn)
-        x = x + lin(o.reshape(b, H * D), w_o, 1)
-        return x, lin(swiglu(lin(rms(x, w_post, eps), w_gu, 2)), w_down, 3)
+        x = x + project(o.reshape(b, H * D), w_o, 1, slots, lora)
+        gate_up = project(rms(x, w_post, eps), w_gu, 2, slots, lora)
+        return x, project(swiglu(gate_up), w_down, 3, slots, lora)
 
     return layer
 

@@ -86,7 +86,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------ prefill
 
-    def _h2d(self, data, dtype):
+    def to_device(self, data, dtype):
+        """Host data as a device tensor (through pinned memory on CUDA, without waiting)."""
         t = torch.tensor(data, dtype=dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
@@ -94,25 +95,28 @@ class ModelRunner:
                 top_ps: Sequence[float], seeds: Sequence[int], slots: Optional[Sequence[int]] = None) -> None:
         """Write the prompts' K/V into their rows and put each one's first token and sampling state there.
         slots: each prompt's adapter slot in self.lora (None: the base for all)."""
-        h2d = self._h2d
-        lengths = h2d([len(p) for p in prompts], torch.long)
-        rows_t = h2d(list(rows), torch.long)
-        temp = h2d([float(t) for t in temperatures], torch.float32)
-        top_p = h2d([float(p) for p in top_ps], torch.float32)
-        seed = h2d(list(seeds), torch.long)
-        slots_t = h2d(list(slots), torch.long) if slots is not None and any(slots) else None
+        lengths, rows_t, temp, top_p, seed, slots_t = self.prefill_inputs(prompts, rows, temperatures, top_ps, seeds,
+                                                                          slots)
         logits = None
         if len(prompts) == 1 and self.graphs.enabled and slots_t is None:
-            logits = self.graphs.prefill_logits(prompts[0], rows[0], h2d)
+            logits = self.graphs.prefill_logits(prompts[0], rows[0], self.to_device)
         if logits is None:
             logits = self.prefill_forward(self.padded(prompts), lengths, rows_t, slots=slots_t)
         first = pick_tokens(logits, temp, top_p, seed, lengths, sampling=any(t > 0 for t in temperatures))
         self.set_state(rows_t, first, lengths, temp, top_p, seed, slots_t)
 
+    def prefill_inputs(self, prompts, rows, temperatures, top_ps, seeds, slots=None) -> tuple:
+        """A prefill group's (lengths, rows, temperatures, top_ps, seeds, adapter slots or None) as device tensors."""
+        put = self.to_device
+        return (put([len(p) for p in prompts], torch.long), put(list(rows), torch.long),
+                put([float(t) for t in temperatures], torch.float32), put([float(p) for p in top_ps], torch.float32),
+                put(list(seeds), torch.long),
+                put(list(slots), torch.long) if slots is not None and any(slots) else None)
+
     def padded(self, prompts: Sequence[list[int]]) -> torch.Tensor:
         """The prompts right-padded to the longest, on the device."""
         T = max(len(p) for p in prompts)
-        return self._h2d([p + [0] * (T - len(p)) for p in prompts], torch.long)
+        return self.to_device([p + [0] * (T - len(p)) for p in prompts], torch.long)
 
     def set_state(self, rows, first, lengths, temp, top_p, seed, slots=None) -> None:
         """Put these rows' first decode input, its position and their sampling settings into the decode state."""
