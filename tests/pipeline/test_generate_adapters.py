@@ -69,3 +69,16 @@ def test_an_adapter_whose_module_names_do_not_match_is_refused(tiny_demo, tmp_pa
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     with pytest.raises(UserError, match="module names do not match"):
         GeneratorCache().generate_sync(str(folder), QUESTION, None, GREEDY)
+
+
+def test_transformers_path_serves_each_adapter_and_the_base(tiny_demo, tmp_path, monkeypatch):
+    """Without the engine, one model holds the adapters and each call sets its own (one call at a time)."""
+    one = save_adapter(tiny_demo, tmp_path / "one", 1, ["q_proj", "v_proj"])
+    two = save_adapter(tiny_demo, tmp_path / "two", 2, ["gate_proj", "down_proj"])
+    with_engine = {ref: GeneratorCache().generate_sync(ref, QUESTION, None, GREEDY).token_ids
+                   for ref in (one, two, "tiny-demo")}
+    monkeypatch.setenv("TINYLLAMA_MCP_ENGINE", "0")
+    cache = GeneratorCache()
+    for ref in (one, two, "tiny-demo", one):
+        assert cache.generate_sync(ref, QUESTION, None, GREEDY).token_ids == with_engine[ref], ref
+    assert cache._get(one)[0] is cache._get(two)[0] and cache._get(one)[0].engine() is None
