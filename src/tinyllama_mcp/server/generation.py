@@ -10,6 +10,7 @@ requests such as `status`. Partial text is streamed back to the loop as progress
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -19,8 +20,6 @@ from functools import partial
 from typing import Any, Awaitable, Callable, Optional
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 
 from tinyllama_mcp.pipeline.generation_result import GenerationResult
@@ -100,14 +99,8 @@ class GeneratorCache:
         on_text = None
         async with anyio.create_task_group() as reports:
             if report_progress is not None:
-                token = anyio.lowlevel.current_token()
-
-                def on_text(text: str, completion_tokens: int) -> None:
-                    # Called on the engine's thread: hand the report to the loop without waiting for it to be sent.
-                    anyio.from_thread.run_sync(
-                        reports.start_soon, report_progress, completion_tokens, spec.max_new_tokens, text, token=token
-                    )
-
+                on_text, relay = _progress_relay(report_progress, spec.max_new_tokens)
+                reports.start_soon(relay)
             # abandon_on_cancel: a client that gives up gets its answer back at once; `cancelled` then tells the
             # engine to stop the request. Its own limiter: anyio's default 40 threads would cap the batch.
             if self._limiter is None:
@@ -115,9 +108,11 @@ class GeneratorCache:
             cancelled = threading.Event()
             try:
                 call = partial(self.generate_sync, tools=tools, prompt_ids=prompt_ids, cancelled=cancelled)
-                return await anyio.to_thread.run_sync(
+                result = await anyio.to_thread.run_sync(
                     call, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True, limiter=self._limiter
                 )
+                reports.cancel_scope.cancel()  # the relay has nothing left to send that the result does not hold
+                return result
             except anyio.get_cancelled_exc_class():
                 cancelled.set()
                 raise
@@ -126,3 +121,27 @@ class GeneratorCache:
                 # tool layer cannot recognise as the caller's mistake: the caller would see a bare crash.
                 error = exc
         raise error
+
+
+def _progress_relay(report_progress, total: int):
+    """(on_text for the engine's thread, the loop task that reports). The engine thread never waits for the loop:
+    it leaves the newest text and wakes the relay, which reports only the newest when the loop is slower."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    newest: list[tuple[int, str]] = []
+
+    def on_text(text: str, completion_tokens: int) -> None:
+        newest.append((completion_tokens, text))
+        if not wake.is_set():
+            loop.call_soon_threadsafe(wake.set)
+
+    async def relay() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if newest:
+                completion_tokens, text = newest[-1]
+                newest.clear()
+                await report_progress(completion_tokens, total, text)
+
+    return on_text, relay
