@@ -66,6 +66,37 @@ def dpo_rows(n: int, seed: int = 0, lo: int = 50, hi: int = 600) -> list[dict]:
     ]
 
 
+def chat_rows(n: int, seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """Multi-turn chat rows shaped like UltraChat's: 1-6 exchanges (mean ~3), ~1,100 tokens a row, most past 512."""
+    rng, words = random.Random(seed), _words()
+    rows = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.choice([1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 6])):
+            messages.append({"role": "user", "content": _text(rng, words, max(int(_length(rng, 10, 120) * scale), 3))})
+            messages.append({"role": "assistant",
+                             "content": _text(rng, words, max(int(_length(rng, 60, 360) * scale), 3))})
+        rows.append({"messages": messages})
+    return rows
+
+
+ORCA_SYSTEMS = ["", "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
+                "You are a helpful assistant, who always provide explanation. Think like you are answering to a five "
+                "year old.",
+                "You are an AI assistant that follows instruction extremely well. Help as much as you can."]
+
+
+def orca_pairs(n: int, seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """Preference pairs shaped like distilabel's Orca pairs: a system prompt or none, a task, two answers."""
+    rng, words = random.Random(seed), _words()
+
+    def text(lo: int, hi: int) -> str:
+        return _text(rng, words, max(int(_length(rng, lo, hi) * scale), 3))
+
+    return [{"system": rng.choice(ORCA_SYSTEMS), "input": text(20, 300), "chosen": text(30, 300),
+             "rejected": text(20, 250)} for _ in range(n)]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

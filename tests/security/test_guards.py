@@ -25,7 +25,7 @@ async def test_job_ids_are_validated_in_every_tool_and_the_resource(make_setting
                                 ("merge", {"sft_job_id": job_id}), ("merge", {"dpo_job_id": job_id}),
                                 ("start_dpo", {"sft_job_id": job_id, "dataset": "x.jsonl"})):
             text = error_text(await client.call_tool(tool, arguments))
-            assert "should match pattern" in text or "at most 20 characters" in text, (tool, text)
+            assert "should match pattern" in text or "at most 21 characters" in text, (tool, text)
         with pytest.raises(Exception) as exc:
             await client.read_resource(f"jobs://{job_id}")
         assert "not a job id" in str(exc.value) or "Unknown resource" in str(exc.value) or "not found" in str(exc.value).lower()

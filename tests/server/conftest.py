@@ -54,3 +54,9 @@ def make_settings(home):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory, shared_cache):
+    """SFT -> DPO -> merge on tiny-demo, trained once for the session (tests/server/chain.py)."""
+    from tests.server.chain import train_chain
+
+    return train_chain(tmp_path_factory.mktemp("chain"), shared_cache)

@@ -31,7 +31,8 @@ def test_plain_jsonrpc_session_as_the_toml_says(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["server"]["name"] == "tinyllama-mcp" and summary["exit_status"] == 0
-    assert summary["tools"] == ["start_sft", "start_dpo", "merge", "status", "generate", "cancel"]
+    assert summary["tools"] == ["start_sft", "start_dpo", "merge", "status", "generate", "cancel", "promote", "rollback", "aliases", "wait",
+        "export", "evaluate", "compare", "compare_results", "judge"]
     assert summary["status"]["jobs"] == [] and summary["status"]["devices"].startswith("slot 0")
     # A first start in a home answers once the MCP SDK has imported (about 1.8 s on an idle 2-core machine),
     # never torch (10+ s more); later starts answer from the handshake cache (test_stdio_front.py). The bound

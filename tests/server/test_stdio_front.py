@@ -64,8 +64,8 @@ def test_the_first_start_stores_the_sdks_answers_for_every_protocol_version(lear
     for version, answers in stored["versions"].items():
         assert answers["initialize"]["protocolVersion"] == version
         assert answers["tools_list"] == first[1]["result"]
-    assert [tool["name"] for tool in first[1]["result"]["tools"]] == [
-        "start_sft", "start_dpo", "merge", "status", "generate", "cancel"]
+    assert [tool["name"] for tool in first[1]["result"]["tools"]] == ["start_sft", "start_dpo", "merge", "status", "generate", "cancel", "promote", "rollback", "aliases", "wait",
+        "export", "evaluate", "compare", "compare_results", "judge"]
 
 
 def test_a_later_start_in_another_home_answers_the_same_and_the_sdk_serves_the_rest(learned, tmp_path):

@@ -16,7 +16,8 @@ from tests.server.support import TINY_DPO, TINY_SFT, error_text, serving, store_
 async def test_tools_list_publishes_schemas_annotations_and_descriptions(make_settings):
     async with serving(make_settings()) as (client, _):
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"start_sft", "start_dpo", "merge", "status", "generate", "cancel"}
+    assert list(tools) == ["start_sft", "start_dpo", "merge", "status", "generate", "cancel", "promote", "rollback", "aliases", "wait",
+                          "export", "evaluate", "compare", "compare_results", "judge"]
     for tool in tools.values():
         assert tool.input_schema["type"] == "object"
         assert tool.input_schema.get("additionalProperties") is False, tool.name
@@ -44,7 +45,7 @@ async def test_start_sft_preflights_and_queues(make_settings, home):
         assert out["state"] == "queued" and out["queue_position"] == 1 and out["stage"] == "sft"
         assert out["preflight"]["rows"] == 8 and len(out["preflight"]["sha256"]) == 64
         assert out["preflight"]["token_stats"]["max"] > 0
-        assert "status(job_id='" in out["next_step"] and "start_dpo" in out["next_step"]
+        assert "wait(job_id='" in out["next_step"] and "start_dpo" in out["next_step"]
         spec = parse_stage_spec((home / "jobs" / out["job_id"] / "spec.json").read_text())
         assert spec.base_model == "tiny-demo" and spec.training.max_steps == 4 and spec.lora.r == 8
         assert spec.dataset.sha256 == out["preflight"]["sha256"]  # the checked file is pinned
@@ -90,7 +91,7 @@ async def test_cancel_a_queued_job_and_read_it_as_a_resource(make_settings):
         resource = await client.read_resource(f"jobs://{job_id}")
         assert json.loads(resource.contents[0].text)["state"] == "cancelled"
         templates = (await client.list_resource_templates()).resource_templates
-        assert [t.uri_template for t in templates] == ["jobs://{job_id}"]
+        assert [t.uri_template for t in templates] == ["jobs://{job_id}", "models://{ref}"]
         prompt = await client.get_prompt("retrain_workflow", {"sft_dataset": "data/chat.jsonl"})
         text = prompt.messages[0].content.text
         assert "start_sft(dataset='data/chat.jsonl'" in text and "merge(" in text and "generate(" in text

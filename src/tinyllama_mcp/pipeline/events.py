@@ -63,7 +63,7 @@ def read_events(path: Path) -> list[dict]:
 
 
 def make_callback(log: EventLog, summary: dict):
-    """A transformers TrainerCallback that turns the Trainer's logs into step/eval/checkpoint events."""
+    """A transformers TrainerCallback that turns the Trainer's logs into step and checkpoint events."""
     from transformers import TrainerCallback
 
     from tinyllama_mcp.pipeline.checkpoints import mark_complete
@@ -97,10 +97,7 @@ def make_callback(log: EventLog, summary: dict):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             now = time.time()
-            if "eval_loss" in logs:
-                log.emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
-                return
-            if "loss" not in logs:
+            if "loss" not in logs:  # the run's totals, or validation's figures (recipe.validation emits those)
                 if "train_runtime" in logs:
                     summary["runtime_s"] = round(logs["train_runtime"], 3)
                 return

@@ -7,7 +7,7 @@ import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tinyllama_mcp.files import write_atomic
 
@@ -24,7 +24,9 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def write_lineage(job_dir: Path, spec, resolved_base: str, datasets: list[dict], effective: dict[str, Any]) -> Path:
+def write_lineage(job_dir: Path, spec, resolved_base: str, datasets: list[dict], effective: dict[str, Any],
+                  validation: Optional[dict] = None) -> Path:
+    """`validation`: the held-out rows' origin, figures at each checkpoint and at the end, the best checkpoint."""
     record = {
         "job_dir": str(job_dir.resolve()),
         "stage": spec.stage,
@@ -37,6 +39,8 @@ def write_lineage(job_dir: Path, spec, resolved_base: str, datasets: list[dict],
         "parents": spec.parents,
         "libraries": library_versions(),
     }
+    if validation is not None:
+        record["validation"] = validation
     path = job_dir / "lineage.json"
     write_atomic(path, json.dumps(record, indent=2))
     return path

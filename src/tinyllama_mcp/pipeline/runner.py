@@ -103,6 +103,14 @@ def _run_stage(spec, job_dir: Path, log: EventLog) -> dict:
         from tinyllama_mcp.pipeline.recipe.dpo import run_dpo
 
         return run_dpo(spec, job_dir, log)
+    if spec.stage == "evaluate":
+        from tinyllama_mcp.pipeline.evaluation.run import run_evaluate
+
+        return run_evaluate(spec, job_dir, log)
+    if spec.stage == "export":
+        from tinyllama_mcp.pipeline.export.run import run_export
+
+        return run_export(spec, job_dir, log)
     from tinyllama_mcp.pipeline.recipe.merge import run_merge
 
     return run_merge(spec, job_dir, log)

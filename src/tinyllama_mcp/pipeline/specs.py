@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from tinyllama_mcp.errors import UserError
 from tinyllama_mcp.pipeline.nn.llama import PROJECTIONS as LLAMA_PROJECTIONS
 
 # The reference base model of the recipe, and the embedded model that needs no download.
@@ -170,7 +171,8 @@ class TrainingSpec(_Spec):
     save_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every this many optimizer steps.")
     save_total_limit: int = Field(2, ge=1, le=100, description="Keep this many newest checkpoints.")
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows for an eval loss at the end (0: none)."
+        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of the rows as validation data, scored at every "
+        "checkpoint and at the end (0: none; or give the stage a validation_dataset)."
     )
     speed: SpeedSpec = Field(default_factory=SpeedSpec, description="The speed-ups (none changes what is learned).")
 
@@ -208,6 +210,18 @@ class _StageSpec(_Spec):
     parents: list[str] = Field(default_factory=list, description="Ids of the jobs this one builds on (lineage).")
 
 
+def _validation_field():
+    return Field(None, description="Held-out rows in the training data's format, scored at every checkpoint and at "
+                 "the end (pipeline.recipe.validation); or training.eval_fraction, not both.")
+
+
+def _one_validation_source(spec):
+    if spec.validation_dataset is not None and spec.training.eval_fraction > 0:
+        raise ValueError("give validation_dataset or training.eval_fraction, not both: the validation rows come "
+                         "either from their own file or held out of the training data")
+    return spec
+
+
 class SFTSpec(_StageSpec):
     stage: Literal["sft"] = "sft"
     dataset: DatasetSpec = Field(
@@ -215,10 +229,13 @@ class SFTSpec(_StageSpec):
             source=REFERENCE_SFT_DATASET, split=REFERENCE_SFT_SPLIT, shuffle_seed=42, max_samples=REFERENCE_SFT_ROWS
         )
     )
+    validation_dataset: Optional[DatasetSpec] = _validation_field()
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval_prompts: EvalPromptsSpec = Field(default_factory=EvalPromptsSpec)
+
+    _one_validation_source = model_validator(mode="after")(_one_validation_source)
 
 
 def _dpo_training_defaults() -> TrainingSpec:
@@ -233,11 +250,14 @@ class DPOSpec(_StageSpec):
         "also the reference model. None: DPO straight on the base model.",
     )
     dataset: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source=REFERENCE_DPO_DATASET))
+    validation_dataset: Optional[DatasetSpec] = _validation_field()
     beta: float = Field(0.1, gt=0, le=100, description="DPO temperature: how far the policy may move from the reference.")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
     training: TrainingSpec = Field(default_factory=_dpo_training_defaults)
     eval_prompts: EvalPromptsSpec = Field(default_factory=EvalPromptsSpec)
+
+    _one_validation_source = model_validator(mode="after")(_one_validation_source)
 
 
 class MergeSpec(_StageSpec):
@@ -247,6 +267,94 @@ class MergeSpec(_StageSpec):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Weights dtype of the merged checkpoint; 'auto': bf16 where supported, else fp16."
     )
+
+
+EvalPrompt = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+LmEvalTask = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+
+
+class EvaluateSpec(_StageSpec):
+    """Measure one servable model on held-out data (pipeline/evaluation): each input given adds its metrics."""
+
+    stage: Literal["evaluate"] = "evaluate"
+    model: str = Field(min_length=1, max_length=4096, description="What generate loads: a merged or adapter folder, "
+                       "'tiny-demo', a hub id or a local checkpoint.")
+    model_label: str = Field(min_length=1, max_length=512, description="How results name the model (job id, alias).")
+    chat_dataset: Optional[DatasetSpec] = Field(
+        None, description="Chat rows (the SFT layout): loss, perplexity and token accuracy on assistant tokens.")
+    preference_dataset: Optional[DatasetSpec] = Field(
+        None, description="Preference pairs (the DPO layout): preference accuracy and mean log-prob margin.")
+    prompts: list[EvalPrompt] = Field(
+        default_factory=list, max_length=1000, description="User prompts answered greedily into generations.jsonl.")
+    max_new_tokens: int = Field(128, ge=1, le=32_768, description="Most tokens generated per prompt.")
+    lm_eval_tasks: list[LmEvalTask] = Field(
+        default_factory=list, max_length=64, description="lm-evaluation-harness tasks defined in lm_eval_task_dir.")
+    lm_eval_task_dir: Optional[str] = Field(None, max_length=4096, description="Folder of local lm-eval task files.")
+    lm_eval_sha256: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Expected digest of the task files and their data; checked first.")
+    lm_eval_limit: Optional[int] = Field(None, ge=1, le=10_000_000, description="At most this many documents a task.")
+    max_length: int = Field(512, ge=16, le=131_072, description="Tokens per scored sequence; longer ones are cut "
+                            "at the end (chat) or as DPO cuts them (pairs).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per scoring forward pass.")
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> "EvaluateSpec":
+        if not (self.chat_dataset or self.preference_dataset or self.prompts or self.lm_eval_tasks):
+            raise ValueError("give chat_dataset, preference_dataset, prompts or lm_eval_tasks: nothing to evaluate")
+        if bool(self.lm_eval_tasks) != bool(self.lm_eval_task_dir):
+            raise ValueError("lm_eval_tasks and lm_eval_task_dir go together: name the tasks and their folder")
+        return self
+
+    def evaluation_key(self) -> str:
+        """What the evaluation measures and on what (the model included, not how results name it): equal keys,
+        equal results (greedy generation, hashed data)."""
+        return self.model_dump_json(exclude={"model_label", "parents", "base_model"})
+
+
+# What export writes: GGUF models for llama.cpp/Ollama, a GGUF LoRA, an Ollama Modelfile, a PEFT adapter for vLLM,
+# a merged safetensors checkpoint. The adapter formats need an SFT/DPO adapter as the model.
+EXPORT_FORMATS = ("gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-lora", "ollama", "peft", "safetensors")
+ADAPTER_FORMATS = frozenset({"gguf-lora", "peft"})
+GGUF_MODEL_FORMATS = ("gguf-f16", "gguf-bf16", "gguf-q8_0")
+ExportFormat = Literal["gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-lora", "ollama", "peft", "safetensors"]
+
+
+def default_export_formats(is_adapter: bool) -> list[str]:
+    """What export writes when the call names no formats: every loader covered, bf16 left out (f16 serves it)."""
+    formats = ["gguf-f16", "gguf-q8_0", "ollama", "safetensors"]
+    return formats + ["gguf-lora", "peft"] if is_adapter else formats
+
+
+def export_formats(formats: Optional[list[str]], is_adapter: bool, label: str) -> list[str]:
+    """The formats an export writes (in EXPORT_FORMATS order); UserError for an adapter format of a whole model."""
+    chosen = list(formats or default_export_formats(is_adapter))
+    if not is_adapter and ADAPTER_FORMATS & set(chosen):
+        raise UserError(f"{sorted(ADAPTER_FORMATS & set(chosen))} export a LoRA adapter, and {label} is a whole model "
+                        "with none; export an SFT or DPO job for those, or leave them out of formats")
+    return sorted(chosen, key=EXPORT_FORMATS.index)
+
+
+class ExportSpec(_StageSpec):
+    """Write one servable model in formats other tools load, each verified against the source (pipeline/export)."""
+
+    stage: Literal["export"] = "export"
+    model: str = Field(min_length=1, max_length=4096, description="What generate loads: a merged or adapter folder, "
+                       "'tiny-demo', a hub id or a local checkpoint.")
+    model_label: str = Field(min_length=1, max_length=512, description="How results name the model (job id, alias).")
+    formats: Optional[list[ExportFormat]] = Field(
+        None, min_length=1, max_length=len(EXPORT_FORMATS),
+        description="What to write; None: default_export_formats for the model's kind.")
+    file_stem: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                           description="Name of the exported files before their suffix (model-f16.gguf, ...).")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats_once(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("formats lists a format twice; list each once")
+        if value is not None and "ollama" in value and not set(GGUF_MODEL_FORMATS) & set(value):
+            raise ValueError("the Ollama Modelfile points at a GGUF model: add gguf-f16, gguf-bf16 or gguf-q8_0")
+        return value
 
 
 class GenerationSpec(_Spec):
@@ -280,10 +388,10 @@ class GenerationSpec(_Spec):
         return self
 
 
-StageSpec = Annotated[Union[SFTSpec, DPOSpec, MergeSpec], Field(discriminator="stage")]
+StageSpec = Annotated[Union[SFTSpec, DPOSpec, MergeSpec, EvaluateSpec, ExportSpec], Field(discriminator="stage")]
 STAGE_SPEC = TypeAdapter(StageSpec)
 
 
-def parse_stage_spec(text: str) -> SFTSpec | DPOSpec | MergeSpec:
+def parse_stage_spec(text: str) -> SFTSpec | DPOSpec | MergeSpec | EvaluateSpec | ExportSpec:
     """Parse spec.json text into the right stage spec (raises pydantic.ValidationError)."""
     return STAGE_SPEC.validate_json(text)

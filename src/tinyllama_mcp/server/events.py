@@ -1,8 +1,8 @@
 """Reading a job's events.jsonl and folding it into the small progress record the store keeps.
 
 The pipeline appends one JSON object a line (docs/PIPELINE_CLI.md). The worker tails the file and
-keeps only what `status` shows: the start event, the latest step, eval results, the newest
-checkpoint, warnings, artifacts, the end summary and the error message.
+keeps only what `status` shows: the start event, the latest step, eval results, the newest validation
+figures, the newest checkpoint, warnings, artifacts, the end summary and the error message.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def fold(progress: dict[str, Any], event: dict[str, Any]) -> None:
         progress["step"] = body
     elif kind == "eval":
         progress.setdefault("eval", {}).update(body)
+    elif kind == "validation":  # a checkpoint's valid_* figures, the end's full_valid_*, the best checkpoint so far
+        progress.setdefault("validation", {}).update(body)
     elif kind == "checkpoint":
         progress["checkpoint"] = body
     elif kind == "warning":

@@ -108,11 +108,9 @@ class GeneratorCache:
             cancelled = threading.Event()
             try:
                 call = partial(self.generate_sync, tools=tools, prompt_ids=prompt_ids, cancelled=cancelled)
-                result = await anyio.to_thread.run_sync(
+                return await anyio.to_thread.run_sync(
                     call, model_ref, messages, prompt, spec, on_text, abandon_on_cancel=True, limiter=self._limiter
                 )
-                reports.cancel_scope.cancel()  # the relay has nothing left to send that the result does not hold
-                return result
             except anyio.get_cancelled_exc_class():
                 cancelled.set()
                 raise
@@ -120,6 +118,9 @@ class GeneratorCache:
                 # Raised out of the task group it would arrive wrapped in an ExceptionGroup, which the
                 # tool layer cannot recognise as the caller's mistake: the caller would see a bare crash.
                 error = exc
+            finally:
+                # Done, failed or cancelled: the relay has nothing left to send that the result does not hold.
+                reports.cancel_scope.cancel()
         raise error
 
 

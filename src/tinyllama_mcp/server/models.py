@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tinyllama_mcp.pipeline.data import Preflight
 from tinyllama_mcp.pipeline.specs import LLAMA_PROJECTIONS
+from tinyllama_mcp.server.lineage_models import LineageSummary
 from tinyllama_mcp.server.store import JOB_ID_PATTERN
 
-JOB_ID_FIELD = dict(pattern=JOB_ID_PATTERN, max_length=20)
+JOB_ID_FIELD = dict(pattern=JOB_ID_PATTERN, max_length=21)  # "evaluate-" and 12 hex digits, the longest id
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -74,6 +75,28 @@ class _TrainingArgs(ToolInput):
         description="Checkpoint every this many steps; an interrupted job resumes from the newest.",
     )
     seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Random seed.")
+    validation_dataset: Optional[str] = Field(
+        None, min_length=1, max_length=4096,
+        description="Held-out data in the training data's format (a local file inside the server's data folders, or a "
+        "hub name), checked like dataset and scored at every checkpoint and at the end: valid_loss and "
+        "valid_mean_token_accuracy (SFT), valid_reward_accuracy and valid_reward_margin (DPO). Or eval_fraction.",
+    )
+    validation_split: Optional[str] = Field(
+        None, min_length=1, max_length=128, description="Split of a hub validation_dataset (default 'train').",
+    )
+    eval_fraction: Optional[float] = Field(
+        None, gt=0, lt=0.5,
+        description="Instead of validation_dataset: hold out this fraction of the dataset's rows as validation data.",
+    )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "_TrainingArgs":
+        if self.validation_dataset is not None and self.eval_fraction is not None:
+            raise ValueError("give validation_dataset or eval_fraction, not both: validation rows come either from "
+                             "their own file or held out of the dataset")
+        if self.validation_split is not None and self.validation_dataset is None:
+            raise ValueError("validation_split names a split of validation_dataset; give validation_dataset too")
+        return self
 
 
 class StartSFTInput(_TrainingArgs):
@@ -170,8 +193,8 @@ class GenerateInput(ToolInput):
     model: Optional[str] = Field(
         None, min_length=1, max_length=4096,
         description="A job id (a finished SFT/DPO job is used with its adapter applied; a merge job as merged), a "
-        "job's output_name, 'tiny-demo', a hub id, or a local model folder. Default: HF_LOCAL_MODEL_PATH, else the "
-        "newest merged model, else 'tiny-demo'.",
+        "job's output_name, an alias (see promote), 'tiny-demo', a hub id, or a local model folder. Default: "
+        "HF_LOCAL_MODEL_PATH, else the newest merged model, else 'tiny-demo'.",
     )
     max_new_tokens: Optional[int] = Field(
         None, ge=1, le=32_768,
@@ -198,7 +221,7 @@ class GenerateInput(ToolInput):
 # --------------------------------------------------------------------------- outputs
 class StartJobOutput(BaseModel):
     job_id: str
-    stage: Literal["sft", "dpo", "merge"]
+    stage: Literal["sft", "dpo", "merge", "evaluate", "export"]
     state: str
     queue_position: Optional[int] = Field(
         description="1: next to run. None once running or when waiting on a parent job.",
@@ -210,6 +233,7 @@ class StartJobOutput(BaseModel):
     parents: list[str] = Field(default_factory=list)
     job_dir: str
     preflight: Optional[Preflight] = None
+    validation_preflight: Optional[Preflight] = Field(None, description="The check of validation_dataset.")
     next_step: str = Field(description="What to call next.")
 
 
@@ -229,6 +253,21 @@ class Metrics(BaseModel):
     reward_margin: Optional[float] = None
     rewards_chosen: Optional[float] = None
     rewards_rejected: Optional[float] = None
+    valid_loss: Optional[float] = Field(
+        None, description="At the newest checkpoint, on a fixed sample of the validation rows (valid_rows of them); "
+        "DPO: the sigmoid DPO loss.")
+    valid_mean_token_accuracy: Optional[float] = Field(None, description="SFT: share of validation tokens predicted "
+                                                       "exactly (top-1), at the newest checkpoint.")
+    valid_reward_accuracy: Optional[float] = Field(None, description="DPO: share of validation pairs whose chosen "
+                                                   "answer out-rewards the rejected one, at the newest checkpoint.")
+    valid_reward_margin: Optional[float] = Field(None, description="DPO: mean chosen minus rejected reward of the "
+                                                 "validation pairs, at the newest checkpoint.")
+    valid_rows: Optional[int] = Field(None, description="Validation rows the valid_* figures score (at most 64).")
+    full_valid_loss: Optional[float] = Field(None, description="After the last step, on every validation row.")
+    full_valid_mean_token_accuracy: Optional[float] = None
+    full_valid_reward_accuracy: Optional[float] = None
+    full_valid_reward_margin: Optional[float] = None
+    full_valid_rows: Optional[int] = None
 
 
 class JobView(BaseModel):
@@ -262,6 +301,15 @@ class JobView(BaseModel):
     cancel_requested: bool = False
     job_dir: str
     log_tail: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(default_factory=list, description="Aliases pointing at this job now.")
+    lineage: Optional[LineageSummary] = Field(None, description="Base model, job chain and datasets (sha256); "
+                                              "models://<job_id> has the full lineage.")
+    best_checkpoint: Optional[dict[str, Any]] = Field(
+        None, description="With validation: the checkpoint with the lowest valid_loss (SFT) or the highest "
+        "valid_reward_accuracy, then valid_reward_margin (DPO) so far: step, path and its valid_* figures.")
+    evaluation: Optional[dict[str, Any]] = Field(
+        None, description="A succeeded evaluate job: its metrics.json metrics (chat_loss, chat_perplexity, "
+        "chat_token_accuracy, preference_accuracy, preference_margin, lm_eval), whichever it measured.")
 
 
 class WorkerView(BaseModel):

@@ -4,6 +4,7 @@ Mistakes a caller can fix raise UserError with what to pass instead."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 from tinyllama_mcp.errors import UserError
@@ -100,19 +101,56 @@ def resolve_generate_model(svc: Services, ref: Optional[str]) -> tuple[str, str]
         return TINY_DEMO, TINY_DEMO
     if ref == TINY_DEMO:
         return ref, ref
+    alias = svc.aliases.get(ref)
+    if alias is not None:
+        folder, label = alias_model(svc, alias.name, alias.target)
+        return folder, f"{label}, alias {alias.name}"
     job = job_by_ref(svc, ref)
     if job is not None:
-        require_job(svc, job.id, job.stage, allow_unfinished=False)
-        folder = job.job_dir / ("merged" if job.stage == "merge" else "adapter")
-        if not folder.is_dir():
-            raise UserError(f"job {job.id} has no {folder.name}/ folder; its artifacts were removed")
-        return str(folder), job.id if job.name is None else f"{job.id} ({job.name})"
+        return job_model(svc, job)
     if looks_local(ref):
         path = _local_model(svc, ref)
         return path, path
     if is_hub_id(ref):
         return ref, ref
     raise UserError(f"model {ref!r} is neither a job id, an output_name, 'tiny-demo', a hub id nor a local folder")
+
+
+SERVABLE_STAGES = ("sft", "dpo", "merge")
+
+
+def job_model(svc: Services, job: Job) -> tuple[str, str]:
+    """(folder generate loads, label) of a succeeded SFT/DPO/merge job whose artifacts are still there."""
+    if job.stage not in SERVABLE_STAGES:
+        raise UserError(f"job {job.id} is an {job.stage} job, which serves no model; name the sft, dpo or merge job")
+    require_job(svc, job.id, job.stage, allow_unfinished=False)
+    folder = job.job_dir / ("merged" if job.stage == "merge" else "adapter")
+    if not folder.is_dir():
+        raise UserError(f"job {job.id} has no {folder.name}/ folder; its artifacts were removed")
+    return str(folder), job.id if job.name is None else f"{job.id} ({job.name})"
+
+
+def target_model(svc: Services, target: str) -> tuple[str, str]:
+    """(what generate loads, label) of what an alias keeps: a job id, 'tiny-demo' or a local model folder."""
+    if target == TINY_DEMO or target == svc.settings.hf_local_model_path:
+        return target, target
+    if not JOB_ID.match(target):  # HF_LOCAL_MODEL_PATH's model when it was promoted, since changed
+        if not Path(target).is_dir():
+            raise UserError(f"{target} is no longer a model folder")
+        return target, target
+    job = svc.store.get(target)
+    if job is None:
+        raise UserError(f"job {target} no longer exists")
+    return job_model(svc, job)
+
+
+def alias_model(svc: Services, name: str, target: str) -> tuple[str, str]:
+    """target_model of an alias, its errors saying which alias and what to do."""
+    try:
+        return target_model(svc, target)
+    except UserError as exc:
+        raise UserError(f"alias {name!r} points at {target}, but {exc}; promote a servable model to {name!r} "
+                        f"or rollback(alias={name!r})") from None
 
 
 def resolved_or_none(svc: Services, ref: str) -> Optional[str]:

@@ -68,19 +68,28 @@ class Runtime:
             await anyio.to_thread.run_sync(self.pool.stop)
 
     async def _watch_jobs(self) -> None:
-        """Tell subscribers about job changes, whichever process (worker, other server) made them."""
+        """Tell subscribers about job and alias changes, whichever process (worker, other server) made them."""
+        aliases = self.services.aliases
         seen = await anyio.to_thread.run_sync(self.store.max_seq)
+        seen_aliases = await anyio.to_thread.run_sync(aliases.max_seq)
         while True:
             await anyio.sleep(self.settings.poll_interval_s)
             try:
                 changes = await anyio.to_thread.run_sync(self.store.changes_since, seen)
+                moves = await anyio.to_thread.run_sync(aliases.changes_since, seen_aliases)
             except Exception:  # a busy or briefly locked database must not end notifications
                 log.warning("could not read job changes", exc_info=True)
                 continue
             for job_id in dict.fromkeys(job_id for job_id, _ in changes):
                 await self.notify(f"jobs://{job_id}")
+            for name in dict.fromkeys(name for name, _ in moves):
+                await self.notify(f"models://{name}")
+            if changes or moves:
+                await self.notify("models://")
             if changes:
                 seen = changes[-1][1]
+            if moves:
+                seen_aliases = moves[-1][1]
 
     def subscribe(self, uri: str, session: Any) -> None:
         # The SDK hands each request its own session object; the connection behind it is what lasts.

@@ -27,8 +27,10 @@ from tinyllama_mcp.errors import UserError
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-STAGES = ("sft", "dpo", "merge")
-JOB_ID_PATTERN = r"^(sft|dpo|merge)-[0-9a-f]{12}$"
+STAGES = ("sft", "dpo", "merge", "evaluate", "export")
+JOB_ID_PATTERN = r"^(sft|dpo|merge|evaluate|export)-[0-9a-f]{12}$"
+# What a succeeded job of each stage leaves in its folder (the worker checks it before marking success).
+STAGE_OUTPUT = {"sft": "adapter", "dpo": "adapter", "merge": "merged", "evaluate": "evaluation", "export": "export"}
 
 # Every change to a job takes the next value of one global counter, so a watcher can ask
 # "what changed since N" across processes without trusting clocks.
@@ -95,7 +97,7 @@ class JobStore:
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS jobs (
         id               TEXT PRIMARY KEY,
-        stage            TEXT NOT NULL CHECK (stage IN ('sft', 'dpo', 'merge')),
+        stage            TEXT NOT NULL CHECK (stage IN ('sft', 'dpo', 'merge', 'evaluate', 'export')),
         state            TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
         name             TEXT UNIQUE,
         spec             TEXT NOT NULL,
@@ -142,7 +144,29 @@ class JobStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._widen_stages()
             self._conn.executescript(self.SCHEMA)
+
+    def _widen_stages(self) -> None:
+        """Databases made before evaluate/export jobs existed check stage against three names; SQLite cannot
+        alter a CHECK, so the table is rebuilt once, rows and seq kept, in one transaction."""
+        self._conn.execute("BEGIN IMMEDIATE")  # checked under the write lock: another process may be widening it now
+        try:
+            row = self._conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+            if row is None or "'evaluate'" in row[0]:
+                self._conn.execute("COMMIT")
+                return
+            self._conn.execute("ALTER TABLE jobs RENAME TO jobs_before_widen")
+            self._conn.execute("DROP INDEX IF EXISTS jobs_by_state")
+            self._conn.execute("DROP INDEX IF EXISTS jobs_by_seq")
+            create_jobs = self.SCHEMA.split(";")[0]
+            self._conn.execute(create_jobs)
+            self._conn.execute("INSERT INTO jobs SELECT * FROM jobs_before_widen")
+            self._conn.execute("DROP TABLE jobs_before_widen")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -195,6 +219,13 @@ class JobStore:
             "SELECT * FROM jobs WHERE stage = ? AND state = 'succeeded' ORDER BY finished_at DESC LIMIT 1", (stage,)
         )
         return Job.from_row(rows[0]) if rows else None
+
+    def of_stage(self, stage: str, states: tuple[str, ...]) -> list[Job]:
+        """Jobs of one stage in the given states, newest first (compare looks for an evaluation to reuse)."""
+        marks = ", ".join("?" for _ in states)
+        rows = self._query(f"SELECT * FROM jobs WHERE stage = ? AND state IN ({marks}) ORDER BY created_at DESC, "
+                           "rowid DESC", (stage, *states))
+        return [Job.from_row(row) for row in rows]
 
     def max_seq(self) -> int:
         return self._query("SELECT COALESCE(MAX(seq), 0) AS s FROM jobs")[0]["s"]

@@ -33,7 +33,7 @@ from tinyllama_mcp.server.services import Services
 
 _TRAINING_FIELDS = (
     "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "max_length", "save_steps", "seed",
+    "gradient_accumulation_steps", "max_length", "save_steps", "seed", "eval_fraction",
 )
 _LORA_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
 
@@ -70,6 +70,27 @@ def _dataset(cls: type, args: Any, roots: list[Path]) -> dict[str, Any]:
     return dataset
 
 
+def _validation_dataset(args: Any, roots: list[Path]) -> Optional[dict[str, Any]]:
+    if args.validation_dataset is None:
+        return None
+    return {"source": dataset_source(args.validation_dataset, roots), "split": args.validation_split or "train"}
+
+
+def _preflight_all(spec: Any, kind: str, base_model: str) -> tuple[Preflight, Optional[Preflight]]:
+    """The training data's and the validation data's checks, each local file pinned by its sha256."""
+    reports = []
+    for dataset in (spec.dataset, spec.validation_dataset):
+        report = run_preflight(dataset, kind, spec.training.max_length, base_model) if dataset is not None else None
+        if report is not None and report.sha256 and dataset.sha256 is None:
+            dataset.sha256 = report.sha256  # train (and validate) on exactly the file that was checked
+        reports.append(report)
+    train, valid = reports
+    if spec.training.eval_fraction > 0 and train.rows < 4:
+        raise UserError(f"eval_fraction needs at least 4 rows to hold some out; the dataset has {train.rows}: give "
+                        "more rows (max_samples) or a separate validation_dataset")
+    return train, valid
+
+
 def run_preflight(dataset: DatasetSpec, kind: str, max_length: int, base_model: str) -> Preflight:
     """Check the data before queueing: exists, schema, rows, token lengths (pipeline.data.preflight)."""
     from tinyllama_mcp.pipeline.data import preflight
@@ -77,7 +98,11 @@ def run_preflight(dataset: DatasetSpec, kind: str, max_length: int, base_model: 
     return preflight(dataset, kind, max_length, base_model)
 
 
-def _enqueue(svc: Services, spec: Any, name: Optional[str], preflight: Optional[Preflight], next_step: str) -> StartJobOutput:
+def enqueue_job(svc: Services, spec: Any, name: Optional[str], preflight: Optional[Preflight], next_step: str,
+                validation_preflight: Optional[Preflight] = None) -> StartJobOutput:
+    """Queue a stage spec as a new job: its folder and spec.json first, then the store row (every start_* tool)."""
+    if name is not None and (alias := svc.aliases.get(name)) is not None:
+        raise UserError(f"output_name {name!r} is already an alias (of {alias.target}); choose another name")
     job_id = f"{spec.stage}-{secrets.token_hex(6)}"
     job_dir = svc.settings.jobs_dir / job_id
     try:
@@ -104,12 +129,13 @@ def _enqueue(svc: Services, spec: Any, name: Optional[str], preflight: Optional[
         job_id=job.id, stage=job.stage, state=job.state,
         queue_position=None if waiting else svc.store.queue_position(job.id), waiting_for=waiting,
         base_model=spec.base_model, dataset=dataset.source if dataset is not None else None, output_name=name,
-        parents=job.parents, job_dir=str(job_dir), preflight=preflight,
+        parents=job.parents, job_dir=str(job_dir), preflight=preflight, validation_preflight=validation_preflight,
         next_step=next_step.format(job_id=job.id),
     )
 
 
-_POLL = "Call status(job_id='{job_id}') every 10-30 s (or subscribe to jobs://{job_id}) until state is 'succeeded'; "
+_POLL = ("Call wait(job_id='{job_id}', timeout_s=600) (it returns once the job ends; again while timed_out is true) "
+         "until state is 'succeeded'; ")
 
 
 # --------------------------------------------------------------------------- the tools
@@ -119,13 +145,13 @@ def start_sft(svc: Services, args: StartSFTInput) -> StartJobOutput:
     spec = _spec(SFTSpec, {
         "base_model": base_model,
         "dataset": _dataset(SFTSpec, args, svc.settings.data_root_paths()),
+        "validation_dataset": _validation_dataset(args, svc.settings.data_root_paths()),
         "lora": _lora(args), "quant": quant, "training": _training(SFTSpec, args),
     })
-    report = run_preflight(spec.dataset, "sft", spec.training.max_length, base_model)
-    if report.sha256 and spec.dataset.sha256 is None:
-        spec.dataset.sha256 = report.sha256  # train on exactly the file that was checked
-    return _enqueue(svc, spec, args.output_name, report, _POLL + "then start_dpo(sft_job_id='{job_id}', dataset=...) "
-                    "for preference tuning, or merge(sft_job_id='{job_id}') for a standalone model.")
+    report, valid_report = _preflight_all(spec, "sft", base_model)
+    return enqueue_job(svc, spec, args.output_name, report, _POLL + "then start_dpo(sft_job_id='{job_id}', "
+                       "dataset=...) for preference tuning, or merge(sft_job_id='{job_id}') for a standalone model.",
+                       valid_report)
 
 
 def start_dpo(svc: Services, args: StartDPOInput) -> StartJobOutput:
@@ -147,13 +173,12 @@ def start_dpo(svc: Services, args: StartDPOInput) -> StartJobOutput:
     spec = _spec(DPOSpec, {
         "base_model": base_model, "sft_adapter": sft_adapter, "parents": parents, **beta,
         "dataset": _dataset(DPOSpec, args, svc.settings.data_root_paths()),
+        "validation_dataset": _validation_dataset(args, svc.settings.data_root_paths()),
         "lora": _lora(args), "quant": quant, "training": _training(DPOSpec, args),
     })
-    report = run_preflight(spec.dataset, "dpo", spec.training.max_length, base_model)
-    if report.sha256 and spec.dataset.sha256 is None:
-        spec.dataset.sha256 = report.sha256
-    return _enqueue(svc, spec, args.output_name, report, _POLL + "then merge(dpo_job_id='{job_id}') and generate "
-                    "from the merged model.")
+    report, valid_report = _preflight_all(spec, "dpo", base_model)
+    return enqueue_job(svc, spec, args.output_name, report, _POLL + "then merge(dpo_job_id='{job_id}') and generate "
+                       "from the merged model.", valid_report)
 
 
 def merge(svc: Services, args: MergeInput) -> StartJobOutput:
@@ -179,7 +204,7 @@ def merge(svc: Services, args: MergeInput) -> StartJobOutput:
         "parents": [job.id for job in (first, second) if job is not None],
     })
     name = args.output_name
-    return _enqueue(svc, spec, name, None, _POLL + f"then generate(model='{name or '{job_id}'}', prompt=...).")
+    return enqueue_job(svc, spec, name, None, _POLL + f"then generate(model='{name or '{job_id}'}', prompt=...).")
 
 
 def status(svc: Services, args: StatusInput) -> StatusOutput:

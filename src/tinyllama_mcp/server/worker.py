@@ -32,7 +32,7 @@ from typing import Optional
 import tinyllama_mcp
 from tinyllama_mcp.server.events import fold, log_tail, read_new_events
 from tinyllama_mcp.server.settings import Settings
-from tinyllama_mcp.server.store import Job, JobStore
+from tinyllama_mcp.server.store import STAGE_OUTPUT, Job, JobStore
 
 log = logging.getLogger("tinyllama_mcp.worker")
 
@@ -97,7 +97,8 @@ def job_environment(settings: Settings, gpu: Optional[str]) -> dict[str, str]:
         PYTHONNOUSERSITE="1",
         TOKENIZERS_PARALLELISM="false",
         TINYLLAMA_MCP_CACHE=str(settings.cache_dir),
-        PYTHONPATH=str(_source_root()),
+        # The server's own PYTHONPATH after the source root: packages it was started with stay importable.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(_source_root()), os.environ.get("PYTHONPATH")])),
     )
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -279,7 +280,7 @@ class Worker:
             log.warning("lost the lease while running %s; leaving it to the worker that took over", job.id)
             return
         if returncode == 0:  # finished, even if a cancel or shutdown arrived at the last moment
-            expected = job.job_dir / ("merged" if job.stage == "merge" else "adapter")
+            expected = job.job_dir / STAGE_OUTPUT[job.stage]
             if expected.is_dir():
                 self.store.finish(job.id, self.worker_id, "succeeded")
             else:

@@ -42,26 +42,34 @@ def test_dataloader_workers_learn_the_same(tmp_path, demo_config, stage):
         TrainingSpec(dataloader_workers=17)
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_eval_loss_runs_on_the_packed_batches(tmp_path, stage):
-    """eval_fraction: the held-out loss is computed where training runs, on the collator's packed batches (DPO: the
-    packing hooks, shared prompts and precomputed reference log-probs of the held-out pairs), and is finite."""
+def test_dpo_validation_does_not_depend_on_the_levers(tmp_path):
+    """eval_fraction: the held-out pairs are scored where training runs, on the collator's batches (with the levers
+    on: packed pairs, shared prompts, the held-out pairs' precomputed reference log-probs), at each checkpoint and at
+    the end, with the figures of the levers off (SFT's: tests/pipeline/recipe/test_recipe_validation.py)."""
     from tinyllama_mcp.pipeline.events import read_events
     from tinyllama_mcp.pipeline.recipe.dpo import run_dpo
-    from tinyllama_mcp.pipeline.recipe.sft import run_sft
 
-    run, spec = (run_sft, sft_spec) if stage == "sft" else (run_dpo, dpo_spec)
-    levers = dict(ON, eval_fraction=0.25, **({"precompute_ref_log_probs": True} if stage == "dpo" else {}))
-    run_stage(run, spec(levers), tmp_path / "job")
-    events = read_events(tmp_path / "job" / "events.jsonl")
-    start = next(e for e in events if e["event"] == "start")
-    assert start["levers"]["varlen_attention"] and start["rows"] == 12
-    evals = [e for e in events if e["event"] == "eval" and "eval_loss" in e]
-    assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"]) and evals[0]["eval_loss"] > 0
-    if stage == "dpo":
-        assert start["levers"]["share_prompt"] and start["reference_logps"]["rows"] == 16  # train and held-out
-    kinds = [e["event"] for e in events]
-    assert kinds.index("eval") < kinds.index("artifact")  # before the adapter is saved, as before
+    runs = {}
+    for name, levers in (("off", OFF), ("on", dict(ON, precompute_ref_log_probs=True))):
+        spec = dpo_spec(dict(levers, eval_fraction=0.25))
+        spec.training.save_steps = 1
+        run_stage(run_dpo, spec, tmp_path / name)
+        runs[name] = read_events(tmp_path / name / "events.jsonl")
+    start = next(e for e in runs["on"] if e["event"] == "start")
+    assert start["levers"]["varlen_attention"] and start["levers"]["share_prompt"] and start["rows"] == 12
+    assert start["reference_logps"]["rows"] == 16  # the training and the held-out pairs
+    off, on = ([e for e in events if e["event"] == "validation"] for events in (runs["off"], runs["on"]))
+    assert [e["step"] for e in on] == [1, 2, 2] == [e["step"] for e in off]  # two checkpoints, then the full set
+    assert on[-1]["full_valid_rows"] == 4 and on[0]["valid_rows"] == 4
+    for a, b in zip(off, on):
+        figures = [k for k in a if k.startswith(("valid_", "full_valid_")) and not k.endswith("_rows")]
+        assert len(figures) == 3
+        for key in figures:
+            assert math.isfinite(a[key]) and math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
+        assert a["best_checkpoint"]["step"] == b["best_checkpoint"]["step"]
+    assert 0 <= on[-1]["full_valid_reward_accuracy"] <= 1 and on[-1]["full_valid_loss"] > 0
+    kinds = [e["event"] for e in runs["on"]]
+    assert kinds.index("validation") < kinds.index("artifact")  # before the adapter is saved
 
 
 def test_sft_levers_learn_the_same(tmp_path):

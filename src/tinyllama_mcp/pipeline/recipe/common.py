@@ -59,6 +59,7 @@ def trainer_kwargs(t: TrainingSpec, dtype: torch.dtype, output_dir: Path, plan: 
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
+        per_device_eval_batch_size=plan.batch_size,  # validation batches shaped as the training micro-batches
         **plan.trainer_args(),
     )
 
@@ -113,17 +114,18 @@ def warn_long_rows(log: EventLog, data: LoadedData, kind: str, tokenizer, max_le
     return stats.model_dump()
 
 
-def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> None:
-    """Train, resuming from the newest intact checkpoint in JOB_DIR/checkpoints if there is one; then the eval loss
-    when the trainer has held-out rows (its batches are the training collator's: call it where training runs)."""
+def run_trainer(trainer, job_dir: Path, log: EventLog, start_fields: dict) -> Optional[dict]:
+    """Train, resuming from the newest intact checkpoint in JOB_DIR/checkpoints if there is one; then every held-out
+    row scored (its batches are the training collator's: call it where training runs). Returns validation's record."""
+    from tinyllama_mcp.pipeline.recipe import validation
+
     resume = latest_complete(job_dir / "checkpoints")
     resume_step = None
     if resume is not None:
         resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
     log.emit("start", resume_step=resume_step, **start_fields)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
+    return validation.finish(trainer, log)
 
 
 def save_adapter(
@@ -165,17 +167,20 @@ def write_eval_samples(model, tokenizer, prompts: list[str], max_new_tokens: int
 def finish(
     trainer, tokenizer, spec, job_dir: Path, log: EventLog, summary: dict, *,
     resolved_base: str, data: LoadedData, lengths: dict, stack_base: str, stack_quant, stack_parents: list[str],
-    effective: dict[str, Any], stack_policy_quant=None,
+    effective: dict[str, Any], stack_policy_quant=None, validation: Optional[dict] = None,
 ) -> dict:
-    """After training (and the eval loss): adapter, eval samples, lineage; returns the end summary."""
+    """After training (and validation, whose record run_trainer returned): adapter, eval samples, lineage; returns
+    the end summary."""
     save_adapter(trainer, tokenizer, job_dir, stack_base, stack_quant, stack_parents, log, stack_policy_quant)
     write_eval_samples(
         trainer.model, tokenizer, spec.eval_prompts.prompts, spec.eval_prompts.max_new_tokens, job_dir, log
     )
     datasets = [{"source": data.source, "path": data.path, "sha256": data.sha256, "rows": len(data.rows),
                  "layout": data.layout, "token_lengths": lengths}]
-    path = write_lineage(job_dir, spec, resolved_base, datasets, effective)
+    path = write_lineage(job_dir, spec, resolved_base, datasets, effective, validation)
     log.emit("artifact", kind="lineage", path=str(path))
+    if validation is not None:
+        summary.update(validation["full"], best_checkpoint=validation["best_checkpoint"])
     summary["peak_memory_gib"] = modeling.peak_memory_gib()
     if summary.get("runtime_s") and summary.get("tokens_this_run"):
         summary["tokens_per_s"] = round(summary["tokens_this_run"] / summary["runtime_s"], 1)

@@ -16,7 +16,7 @@ from tinyllama_mcp.files import write_atomic
 from tinyllama_mcp.pipeline import modeling
 from tinyllama_mcp.pipeline.chat import render
 from tinyllama_mcp.pipeline.events import EventLog, make_callback
-from tinyllama_mcp.pipeline.recipe import common, dpo_start_check
+from tinyllama_mcp.pipeline.recipe import common, dpo_start_check, validation
 from tinyllama_mcp.pipeline.specs import DPOSpec, QuantSpec
 
 POLICY_BASE = "sft_merged_base"  # under JOB_DIR/work: the SFT model DPO trains on
@@ -75,12 +75,13 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog, *, callbacks: Sequence 
     from transformers import set_seed
     from trl import DPOConfig
 
+    from tinyllama_mcp.pipeline.recipe.trainers import DPOTrainer
     from tinyllama_mcp.pipeline.speed import apply as speed
-    from tinyllama_mcp.pipeline.speed.trainers import DPOTrainer
 
     t, dtype, tokenizer, original_base = spec.training, inputs.dtype, inputs.tokenizer, inputs.base
     pairs = to_text_pairs(inputs.data.rows, tokenizer, t.max_length)
-    train_rows, eval_rows = common.split_eval(pairs, t.eval_fraction, t.seed)
+    train_rows, held = validation.held_out(spec, "dpo", pairs,
+                                           lambda rows: to_text_pairs(rows, tokenizer, t.max_length))
     if spec.sft_adapter:
         policy_base, sft_stack = sft_merged_base(spec, job_dir, dtype)
         stack_base, stack_quant, stack_parents = sft_stack["base_model"], QuantSpec(**sft_stack["quant"]), sft_stack["adapters"]
@@ -101,28 +102,29 @@ def run_dpo(spec: DPOSpec, job_dir: Path, log: EventLog, *, callbacks: Sequence 
                        max_length=t.max_length, truncation_mode="keep_start", eval_strategy="no",
                        precompute_ref_log_probs=False),  # precomputed below, once the levers are on the model
         train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        eval_dataset=Dataset.from_list(held.rows) if held else None,
         processing_class=tokenizer,
         peft_config=common.lora_config(spec.lora),
         callbacks=[make_callback(log, summary), dpo_start_check.start_check_callback(spec.beta), *callbacks],
     )
     trainer.data_collator = speed.dpo_collator(plan, trainer.data_collator, t.max_length)
+    validation.attach(trainer, held, log)
     speed.prepare_model(trainer, plan, dtype)
     effective = common.base_effective(dtype, t, len(train_rows), plan)
     effective["policy_base"] = policy_base
-    # Training and the eval loss (their batches are the collator's); generation (eval samples) pads, caches and
-    # keeps its masks.
+    # Training and validation (their batches are the collator's); generation (eval samples) pads, caches and keeps
+    # its masks.
     with speed.training_attention(plan, trainer.model, "dpo"):
         fields = common.start_fields("dpo", effective, len(train_rows), plan)
         reference = speed.precompute_reference(trainer, plan)  # its rows and seconds: part of the run's cost
         if reference is not None:
             fields["reference_logps"] = effective["reference_logps"] = reference
-        common.run_trainer(trainer, job_dir, log, fields)
+        valid = common.run_trainer(trainer, job_dir, log, fields)
     summary = common.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=original_base, data=inputs.data, lengths=inputs.lengths,
         stack_base=stack_base, stack_quant=stack_quant, stack_parents=stack_parents,
-        effective=effective,
+        effective=effective, validation=valid,
         stack_policy_quant=spec.quant if spec.sft_adapter else None,  # serving redoes the NF4 round trip
     )
     shutil.rmtree(job_dir / "work", ignore_errors=True)  # the merged SFT base is large and rebuilt on demand

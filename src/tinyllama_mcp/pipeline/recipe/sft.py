@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 from tinyllama_mcp.pipeline import modeling
 from tinyllama_mcp.pipeline.events import EventLog, make_callback
-from tinyllama_mcp.pipeline.recipe import common
+from tinyllama_mcp.pipeline.recipe import common, validation
 from tinyllama_mcp.pipeline.specs import SFTSpec
 
 
@@ -25,11 +25,11 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog, *, callbacks: Sequence 
     from transformers import set_seed
     from trl import SFTConfig
 
+    from tinyllama_mcp.pipeline.recipe.trainers import SFTTrainer
     from tinyllama_mcp.pipeline.speed import apply as speed
-    from tinyllama_mcp.pipeline.speed.trainers import SFTTrainer
 
     t, dtype, tokenizer = spec.training, inputs.dtype, inputs.tokenizer
-    train_rows, eval_rows = common.split_eval(inputs.data.rows, t.eval_fraction, t.seed)
+    train_rows, held = validation.held_out(spec, "sft", inputs.data.rows)  # checked before any model loads
     model = modeling.load_base(inputs.base, spec.quant, dtype)
     plan = speed.plan_for(t, "sft", model, dtype, rows=len(train_rows), mean_tokens=inputs.mean_tokens,
                           row_lengths=inputs.row_lengths, overrides=overrides)
@@ -43,18 +43,19 @@ def run_sft(spec: SFTSpec, job_dir: Path, log: EventLog, *, callbacks: Sequence 
                        packing=False, eval_strategy="no"),
         data_collator=speed.sft_collator(plan, tokenizer.pad_token_id, t.max_length),
         train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        eval_dataset=Dataset.from_list(held.rows) if held else None,
         processing_class=tokenizer,
         peft_config=common.lora_config(spec.lora),
         callbacks=[make_callback(log, summary), *callbacks],
     )
+    validation.attach(trainer, held, log)
     speed.prepare_model(trainer, plan, dtype)
     effective = common.base_effective(dtype, t, len(train_rows), plan)
     with speed.training_attention(plan, trainer.model, "sft"):
-        common.run_trainer(trainer, job_dir, log, common.start_fields("sft", effective, len(train_rows), plan))
+        valid = common.run_trainer(trainer, job_dir, log, common.start_fields("sft", effective, len(train_rows), plan))
     return common.finish(
         trainer, tokenizer, spec, job_dir, log, summary,
         resolved_base=inputs.base, data=inputs.data, lengths=inputs.lengths,
         stack_base=spec.base_model, stack_quant=spec.quant, stack_parents=[],
-        effective=effective,
+        effective=effective, validation=valid,
     )
