@@ -102,7 +102,7 @@ async def test_full_disk_while_saving_fails_clearly_and_keeps_the_queue(make_set
         # the queue database is intact and serves
         store = runtime.store
         assert store.get(job_id).state == "failed"
-        assert [row[0] for row in store._conn.execute("PRAGMA integrity_check")] == ["ok"]
+        assert [row[0] for row in store.db.query("PRAGMA integrity_check")] == ["ok"]
         listed = (await client.call_tool("status", {})).structured_content
         assert [job["job_id"] for job in listed["jobs"]] == [job_id] and listed["queue"] == []
 
@@ -112,4 +112,4 @@ async def test_full_disk_while_saving_fails_clearly_and_keeps_the_queue(make_set
         again = await client.call_tool("start_sft", TINY_SFT)
         assert not again.is_error, error_text(again)
         await client.call_tool("cancel", {"job_id": again.structured_content["job_id"]})
-        assert [row[0] for row in store._conn.execute("PRAGMA integrity_check")] == ["ok"]
+        assert [row[0] for row in store.db.query("PRAGMA integrity_check")] == ["ok"]

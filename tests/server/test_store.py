@@ -28,7 +28,7 @@ def test_wal_mode_and_jobs_survive_reopening(db):
     enqueue(store, "sft-000000000002", now=2.0)
     store.close()
     again = JobStore(db)
-    assert again._query("PRAGMA journal_mode")[0][0] == "wal"
+    assert again.db.query("PRAGMA journal_mode")[0][0] == "wal"
     assert [job.id for job in again.queued()] == ["sft-000000000001", "sft-000000000002"]
     assert again.queue_position("sft-000000000002") == 2
 
@@ -165,3 +165,23 @@ def test_changes_since_sees_writes_from_other_connections(db):
     changes = a.changes_since(start)
     assert [job_id for job_id, _ in changes] == ["sft-000000000001"]
     assert changes[0][1] == start + 2
+
+
+def test_a_database_from_before_evaluate_and_export_jobs_is_widened_in_place(db):
+    import sqlite3
+
+    from tinyllama_mcp.server.database import JOBS_SCHEMA
+
+    old = JOBS_SCHEMA.replace("'sft', 'dpo', 'merge', 'evaluate', 'export'", "'sft', 'dpo', 'merge'")
+    conn = sqlite3.connect(db)
+    conn.executescript(old)  # the jobs table as it was made with three stages, one job in it
+    conn.execute("INSERT INTO jobs (id, stage, state, spec, job_dir, created_at, updated_at, max_attempts, seq) "
+                 "VALUES ('sft-000000000001', 'sft', 'queued', '{}', '/jobs/x', 1.0, 1.0, 3, 7)")
+    conn.commit()
+    conn.close()
+    store = JobStore(db)
+    assert [(job.id, job.seq) for job in store.queued()] == [("sft-000000000001", 7)]
+    enqueue(store, "evaluate-000000000002", now=2.0)
+    enqueue(store, "export-000000000003", now=3.0)
+    assert [job.stage for job in store.queued()] == ["sft", "evaluate", "export"]
+    assert JobStore(db).max_seq() == store.max_seq()  # opening again leaves the widened table as it is

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tinyllama_mcp.errors import UserError
-from tinyllama_mcp.server.store import _NEXT_SEQ, JobStore
+from tinyllama_mcp.server.database import NEXT_SEQ
+from tinyllama_mcp.server.store import JobStore
 
 # The jobs an alias leaves or reaches take the jobs' next change number (their status lists their aliases).
-_BUMP_JOB = f"UPDATE jobs SET seq = {_NEXT_SEQ} WHERE id = ?"
+_BUMP_JOB = f"UPDATE jobs SET seq = {NEXT_SEQ} WHERE id = ?"
 
 
 @dataclass(frozen=True)
@@ -69,45 +70,44 @@ class AliasStore:
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        with store._lock:
-            store._conn.executescript(self.SCHEMA)
+        store.db.create(self.SCHEMA)
 
     # ---------------------------------------------------------------- reading
     def get(self, name: str) -> Optional[Alias]:
-        rows = self.store._query("SELECT * FROM aliases WHERE name = ?", (name,))
+        rows = self.store.db.query("SELECT * FROM aliases WHERE name = ?", (name,))
         return Alias(**dict(rows[0])) if rows else None
 
     def all(self) -> list[Alias]:
-        return [Alias(**dict(row)) for row in self.store._query("SELECT * FROM aliases ORDER BY name")]
+        return [Alias(**dict(row)) for row in self.store.db.query("SELECT * FROM aliases ORDER BY name")]
 
     def pointing_at(self, target: str) -> list[str]:
-        return [row["name"] for row in self.store._query("SELECT name FROM aliases WHERE target = ? ORDER BY name",
+        return [row["name"] for row in self.store.db.query("SELECT name FROM aliases WHERE target = ? ORDER BY name",
                                                          (target,))]
 
     def history(self, name: Optional[str] = None, limit: int = 1_000_000) -> list[AliasMove]:
         """Moves newest first: of one alias, or of all."""
         where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
-        rows = self.store._query(f"SELECT * FROM alias_history {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        rows = self.store.db.query(f"SELECT * FROM alias_history {where} ORDER BY id DESC LIMIT ?", (*args, limit))
         return [AliasMove(**dict(row)) for row in rows]
 
     def moves_touching(self, target: str) -> list[AliasMove]:
         """Every move onto or off `target`, oldest first (its part of the alias history)."""
-        rows = self.store._query("SELECT * FROM alias_history WHERE target = ? OR previous = ? ORDER BY id",
+        rows = self.store.db.query("SELECT * FROM alias_history WHERE target = ? OR previous = ? ORDER BY id",
                                  (target, target))
         return [AliasMove(**dict(row)) for row in rows]
 
     def max_seq(self) -> int:
-        return self.store._query("SELECT COALESCE(MAX(id), 0) AS s FROM alias_history")[0]["s"]
+        return self.store.db.query("SELECT COALESCE(MAX(id), 0) AS s FROM alias_history")[0]["s"]
 
     def changes_since(self, seq: int) -> list[tuple[str, int]]:
-        rows = self.store._query("SELECT name, id FROM alias_history WHERE id > ? ORDER BY id", (seq,))
+        rows = self.store.db.query("SELECT name, id FROM alias_history WHERE id > ? ORDER BY id", (seq,))
         return [(row["name"], row["id"]) for row in rows]
 
     # ---------------------------------------------------------------- moving
     def promote(self, name: str, target: str, *, reason: Optional[str] = None, by: Optional[str] = None,
                 now: Optional[float] = None) -> AliasMove:
         """Point `name` at `target` (creating it), one atomic write that appends the history row."""
-        with self.store._write() as conn:
+        with self.store.db.write() as conn:
             current = conn.execute("SELECT target, seq FROM aliases WHERE name = ?", (name,)).fetchone()
             previous, restores = (current["target"], current["seq"]) if current else (None, None)
             return self._move(conn, name, target, previous, "promote", restores, reason, by, now)
@@ -116,7 +116,7 @@ class AliasStore:
                  by: Optional[str] = None, now: Optional[float] = None) -> AliasMove:
         """Move `name` back to the target it had before its current one, recorded as a move of its own.
         `expected`: the earlier target the caller checked; another move in between makes this an error."""
-        with self.store._write() as conn:
+        with self.store.db.write() as conn:
             current = conn.execute("SELECT target, seq FROM aliases WHERE name = ?", (name,)).fetchone()
             if current is None:
                 raise UserError(f"there is no alias {name!r}; call aliases() to list them, or promote a model to it")
@@ -134,7 +134,7 @@ class AliasStore:
 
     def earlier_target(self, name: str) -> Optional[str]:
         """Where rollback(name) would move the alias now; None when it has nowhere to go back to."""
-        rows = self.store._query(
+        rows = self.store.db.query(
             "SELECT e.target FROM aliases a JOIN alias_history h ON h.id = a.seq "
             "JOIN alias_history e ON e.id = h.restores WHERE a.name = ?", (name,))
         return rows[0]["target"] if rows else None

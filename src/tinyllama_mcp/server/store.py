@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from tinyllama_mcp.errors import UserError
+from tinyllama_mcp.server.database import NEXT_SEQ, open_jobs_database
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -31,11 +30,6 @@ STAGES = ("sft", "dpo", "merge", "evaluate", "export")
 JOB_ID_PATTERN = r"^(sft|dpo|merge|evaluate|export)-[0-9a-f]{12}$"
 # What a succeeded job of each stage leaves in its folder (the worker checks it before marking success).
 STAGE_OUTPUT = {"sft": "adapter", "dpo": "adapter", "merge": "merged", "evaluate": "evaluation", "export": "export"}
-
-# Every change to a job takes the next value of one global counter, so a watcher can ask
-# "what changed since N" across processes without trusting clocks.
-_NEXT_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs)"
-
 
 @dataclass(frozen=True)
 class Job:
@@ -94,128 +88,41 @@ class QueueFull(UserError):
 
 
 class JobStore:
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS jobs (
-        id               TEXT PRIMARY KEY,
-        stage            TEXT NOT NULL CHECK (stage IN ('sft', 'dpo', 'merge', 'evaluate', 'export')),
-        state            TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-        name             TEXT UNIQUE,
-        spec             TEXT NOT NULL,
-        parents          TEXT NOT NULL DEFAULT '[]',
-        job_dir          TEXT NOT NULL,
-        created_at       REAL NOT NULL,
-        updated_at       REAL NOT NULL,
-        started_at       REAL,
-        finished_at      REAL,
-        attempts         INTEGER NOT NULL DEFAULT 0,
-        max_attempts     INTEGER NOT NULL,
-        attempt_errors   TEXT NOT NULL DEFAULT '[]',
-        error            TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        worker_id        TEXT,
-        slot             INTEGER,
-        pid              INTEGER,
-        host             TEXT,
-        progress         TEXT NOT NULL DEFAULT '{}',
-        seq              INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
-    CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq);
-    CREATE TABLE IF NOT EXISTS leases (
-        slot       INTEGER PRIMARY KEY,
-        worker_id  TEXT NOT NULL,
-        pid        INTEGER NOT NULL,
-        host       TEXT NOT NULL,
-        expires_at REAL NOT NULL,
-        job_id     TEXT
-    );
-    """
-
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every transaction is explicit.
-        self._conn = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._widen_stages()
-            self._conn.executescript(self.SCHEMA)
-
-    def _widen_stages(self) -> None:
-        """Databases made before evaluate/export jobs existed check stage against three names; SQLite cannot
-        alter a CHECK, so the table is rebuilt once, rows and seq kept, in one transaction."""
-        self._conn.execute("BEGIN IMMEDIATE")  # checked under the write lock: another process may be widening it now
-        try:
-            row = self._conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
-            if row is None or "'evaluate'" in row[0]:
-                self._conn.execute("COMMIT")
-                return
-            self._conn.execute("ALTER TABLE jobs RENAME TO jobs_before_widen")
-            self._conn.execute("DROP INDEX IF EXISTS jobs_by_state")
-            self._conn.execute("DROP INDEX IF EXISTS jobs_by_seq")
-            create_jobs = self.SCHEMA.split(";")[0]
-            self._conn.execute(create_jobs)
-            self._conn.execute("INSERT INTO jobs SELECT * FROM jobs_before_widen")
-            self._conn.execute("DROP TABLE jobs_before_widen")
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+        self.db = open_jobs_database(Path(path), busy_timeout_s)
+        self.path = self.db.path
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding SQLite's write lock from the start (atomic across processes)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+        self.db.close()
 
     # ---------------------------------------------------------------- reading
     def get(self, job_id: str) -> Optional[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self.db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return Job.from_row(rows[0]) if rows else None
 
     def find_by_name(self, name: str) -> Optional[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE name = ?", (name,))
+        rows = self.db.query("SELECT * FROM jobs WHERE name = ?", (name,))
         return Job.from_row(rows[0]) if rows else None
 
     def recent(self, limit: int = 10) -> list[Job]:
-        rows = self._query("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
+        rows = self.db.query("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
         return [Job.from_row(row) for row in rows]
 
     def queued(self) -> list[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
+        rows = self.db.query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
         return [Job.from_row(row) for row in rows]
 
     def running(self) -> list[Job]:
-        rows = self._query("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at")
+        rows = self.db.query("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at")
         return [Job.from_row(row) for row in rows]
 
     def queue_position(self, job_id: str) -> Optional[int]:
         """1 for the next job a worker takes (ignoring jobs that wait for their parents)."""
-        ids = [row["id"] for row in self._query("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")]
+        ids = [row["id"] for row in self.db.query("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")]
         return ids.index(job_id) + 1 if job_id in ids else None
 
     def newest_succeeded(self, stage: str) -> Optional[Job]:
-        rows = self._query(
+        rows = self.db.query(
             "SELECT * FROM jobs WHERE stage = ? AND state = 'succeeded' ORDER BY finished_at DESC LIMIT 1", (stage,)
         )
         return Job.from_row(rows[0]) if rows else None
@@ -223,19 +130,19 @@ class JobStore:
     def of_stage(self, stage: str, states: tuple[str, ...]) -> list[Job]:
         """Jobs of one stage in the given states, newest first (compare looks for an evaluation to reuse)."""
         marks = ", ".join("?" for _ in states)
-        rows = self._query(f"SELECT * FROM jobs WHERE stage = ? AND state IN ({marks}) ORDER BY created_at DESC, "
+        rows = self.db.query(f"SELECT * FROM jobs WHERE stage = ? AND state IN ({marks}) ORDER BY created_at DESC, "
                            "rowid DESC", (stage, *states))
         return [Job.from_row(row) for row in rows]
 
     def max_seq(self) -> int:
-        return self._query("SELECT COALESCE(MAX(seq), 0) AS s FROM jobs")[0]["s"]
+        return self.db.query("SELECT COALESCE(MAX(seq), 0) AS s FROM jobs")[0]["s"]
 
     def changes_since(self, seq: int) -> list[tuple[str, int]]:
-        rows = self._query("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,))
+        rows = self.db.query("SELECT id, seq FROM jobs WHERE seq > ? ORDER BY seq", (seq,))
         return [(row["id"], row["seq"]) for row in rows]
 
     def leases(self) -> list[Lease]:
-        return [Lease(**dict(row)) for row in self._query("SELECT * FROM leases ORDER BY slot")]
+        return [Lease(**dict(row)) for row in self.db.query("SELECT * FROM leases ORDER BY slot")]
 
     # ---------------------------------------------------------------- enqueue / cancel
     def enqueue(
@@ -243,7 +150,7 @@ class JobStore:
         name: Optional[str], max_attempts: int, max_queued: int, now: Optional[float] = None,
     ) -> Job:
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
             if queued >= max_queued:
                 raise QueueFull(
@@ -256,7 +163,7 @@ class JobStore:
                     raise UserError(f"output_name {name!r} is already used by job {taken[0]}; choose another name")
             conn.execute(
                 f"INSERT INTO jobs (id, stage, state, name, spec, parents, job_dir, created_at, updated_at, "
-                f"max_attempts, seq) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, {_NEXT_SEQ})",
+                f"max_attempts, seq) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, {NEXT_SEQ})",
                 (job_id, stage, name, json.dumps(spec), json.dumps(parents), str(job_dir), now, now, max_attempts),
             )
         job = self.get(job_id)
@@ -266,7 +173,7 @@ class JobStore:
     def request_cancel(self, job_id: str, now: Optional[float] = None) -> tuple[str, Job]:
         """Cancel a queued job at once; flag a running one for its worker. Returns (previous state, job)."""
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UserError(f"no job {job_id!r}; call status without job_id to list jobs")
@@ -274,12 +181,12 @@ class JobStore:
             if previous == "queued":
                 conn.execute(
                     f"UPDATE jobs SET state = 'cancelled', error = 'cancelled before it started', finished_at = ?, "
-                    f"updated_at = ?, seq = {_NEXT_SEQ} WHERE id = ?",
+                    f"updated_at = ?, seq = {NEXT_SEQ} WHERE id = ?",
                     (now, now, job_id),
                 )
             elif previous == "running":
                 conn.execute(
-                    f"UPDATE jobs SET cancel_requested = 1, updated_at = ?, seq = {_NEXT_SEQ} WHERE id = ?",
+                    f"UPDATE jobs SET cancel_requested = 1, updated_at = ?, seq = {NEXT_SEQ} WHERE id = ?",
                     (now, job_id),
                 )
         job = self.get(job_id)
@@ -290,7 +197,7 @@ class JobStore:
     def acquire_lease(self, slot: int, worker_id: str, pid: int, host: str, ttl_s: float, now: Optional[float] = None) -> bool:
         """Take slot `slot` if it is free or its holder stopped heartbeating; renew it if already ours."""
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             row = conn.execute("SELECT worker_id, expires_at FROM leases WHERE slot = ?", (slot,)).fetchone()
             if row is not None and row["worker_id"] != worker_id and row["expires_at"] > now:
                 return False
@@ -306,7 +213,7 @@ class JobStore:
     def renew_lease(self, slot: int, worker_id: str, ttl_s: float, now: Optional[float] = None) -> bool:
         """Heartbeat. False means the lease was lost (we stalled past its expiry and another worker took it)."""
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             cur = conn.execute(
                 "UPDATE leases SET expires_at = ? WHERE slot = ? AND worker_id = ? AND expires_at > ?",
                 (now + ttl_s, slot, worker_id, now),
@@ -314,7 +221,7 @@ class JobStore:
             return cur.rowcount == 1
 
     def release_lease(self, slot: int, worker_id: str) -> None:
-        with self._write() as conn:
+        with self.db.write() as conn:
             conn.execute("DELETE FROM leases WHERE slot = ? AND worker_id = ?", (slot, worker_id))
 
     # ---------------------------------------------------------------- the worker's side
@@ -325,9 +232,9 @@ class JobStore:
         at once when a parent failed or was cancelled, since it could never run.
         """
         now = time.time() if now is None else now
-        if not self._query("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1"):
+        if not self.db.query("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1"):
             return None  # the common idle case, answered without taking the write lock
-        with self._write() as conn:
+        with self.db.write() as conn:
             lease = conn.execute(
                 "SELECT 1 FROM leases WHERE slot = ? AND worker_id = ? AND expires_at > ?", (slot, worker_id, now)
             ).fetchone()
@@ -346,7 +253,7 @@ class JobStore:
                     reason = ", ".join(f"{p} {states.get(p, 'is missing')}" for p in dead)
                     conn.execute(
                         f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ?, "
-                        f"seq = {_NEXT_SEQ} WHERE id = ?",
+                        f"seq = {NEXT_SEQ} WHERE id = ?",
                         (f"parent job {reason}; start this stage again once its parent succeeded", now, now, row["id"]),
                     )
                     continue
@@ -354,7 +261,7 @@ class JobStore:
                     continue  # waits for its parents
                 conn.execute(
                     f"UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?, "
-                    f"worker_id = ?, slot = ?, host = ?, pid = NULL, seq = {_NEXT_SEQ} WHERE id = ?",
+                    f"worker_id = ?, slot = ?, host = ?, pid = NULL, seq = {NEXT_SEQ} WHERE id = ?",
                     (now, now, worker_id, slot, host, row["id"]),
                 )
                 conn.execute("UPDATE leases SET job_id = ? WHERE slot = ?", (row["id"], slot))
@@ -365,16 +272,16 @@ class JobStore:
         return self.get(job_id)
 
     def set_pid(self, job_id: str, worker_id: str, pid: int) -> None:
-        with self._write() as conn:
+        with self.db.write() as conn:
             conn.execute(
                 "UPDATE jobs SET pid = ? WHERE id = ? AND worker_id = ? AND state = 'running'", (pid, job_id, worker_id)
             )
 
     def update_progress(self, job_id: str, worker_id: str, progress: dict[str, Any], now: Optional[float] = None) -> bool:
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             cur = conn.execute(
-                f"UPDATE jobs SET progress = ?, updated_at = ?, seq = {_NEXT_SEQ} "
+                f"UPDATE jobs SET progress = ?, updated_at = ?, seq = {NEXT_SEQ} "
                 "WHERE id = ? AND worker_id = ? AND state = 'running'",
                 (json.dumps(progress), now, job_id, worker_id),
             )
@@ -386,10 +293,10 @@ class JobStore:
         """Record a running job's final state (succeeded, failed or cancelled)."""
         assert state in FINAL_STATES
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             cur = conn.execute(
                 f"UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ?, pid = NULL, "
-                f"seq = {_NEXT_SEQ} WHERE id = ? AND worker_id = ? AND state = 'running'",
+                f"seq = {NEXT_SEQ} WHERE id = ? AND worker_id = ? AND state = 'running'",
                 (state, error, now, now, job_id, worker_id),
             )
             conn.execute("UPDATE leases SET job_id = NULL WHERE job_id = ? AND worker_id = ?", (job_id, worker_id))
@@ -404,7 +311,7 @@ class JobStore:
         to stop): the attempt is given back. Returns the new state, or None if the job was not ours.
         """
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self.db.write() as conn:
             row = conn.execute(
                 "SELECT * FROM jobs WHERE id = ? AND worker_id = ? AND state = 'running'", (job_id, worker_id)
             ).fetchone()
@@ -428,7 +335,7 @@ class JobStore:
             state, error = "queued", None
         conn.execute(
             f"UPDATE jobs SET state = ?, error = ?, attempts = ?, attempt_errors = ?, pid = NULL, "
-            f"finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END, updated_at = ?, seq = {_NEXT_SEQ} "
+            f"finished_at = CASE WHEN ? = 'queued' THEN NULL ELSE ? END, updated_at = ?, seq = {NEXT_SEQ} "
             "WHERE id = ?",
             (state, error, attempts, json.dumps(errors), state, now, now, row["id"]),
         )
@@ -442,7 +349,7 @@ class JobStore:
         """
         now = time.time() if now is None else now
         recovered: list[tuple[Job, str]] = []
-        with self._write() as conn:
+        with self.db.write() as conn:
             rows = conn.execute(
                 "SELECT * FROM jobs j WHERE state = 'running' AND NOT EXISTS ("
                 " SELECT 1 FROM leases l WHERE l.slot = j.slot AND l.worker_id = j.worker_id AND l.expires_at > ?)",
